@@ -1,0 +1,78 @@
+"""Argument checks shared by every op: they run in Python before any backend launches.
+
+Shape, dtype and device checks are trace-friendly (they only read metadata), so they also
+run under ``torch.compile``. Value checks (code range, finite S, exclusion ids) read data and
+run inside the op implementations, once per codes tensor where the result can be cached.
+"""
+from __future__ import annotations
+
+import torch
+
+CODE_DTYPES = (torch.uint8, torch.int16, torch.int32)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x, *, ndim: int | None = None, dtypes=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {x.dtype}")
+
+
+def check_same_device(**tensors) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all inputs must be on one device")
+
+
+def check_codes(codes, num_codes: int | None = None) -> None:
+    """Metadata checks on a codes tensor ``[N, M]``."""
+    check_tensor("codes", codes, ndim=2, dtypes=CODE_DTYPES)
+    if codes.shape[0] == 0 or codes.shape[1] == 0:
+        raise ValueError(f"codes must be non-empty, got shape {tuple(codes.shape)}")
+    if num_codes is not None and codes.dtype == torch.uint8 and num_codes > 256:
+        raise ValueError(f"uint8 codes hold at most 256 sub-ids, but K={num_codes}; use int16 or int32 codes")
+
+
+def check_table(S, codes) -> None:
+    """Metadata checks on S ``[B, M, K]`` against codes ``[N, M]``."""
+    check_tensor("S", S, ndim=3, dtypes=FLOAT_DTYPES)
+    check_codes(codes, S.shape[2])
+    check_same_device(S=S, codes=codes)
+    if S.shape[1] != codes.shape[1]:
+        raise ValueError(f"S has M={S.shape[1]} splits but codes has M={codes.shape[1]}")
+    if S.shape[0] == 0 or S.shape[2] == 0:
+        raise ValueError(f"S must have B >= 1 and K >= 1, got shape {tuple(S.shape)}")
+
+
+def check_topk_args(S, codes, k, exclude) -> None:
+    check_table(S, codes)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    n = codes.shape[0]
+    if k <= 0 or k > n:
+        raise ValueError(f"k must be in [1, N={n}], got k={k}")
+    if exclude is not None:
+        check_tensor("exclude", exclude, ndim=2, dtypes=(torch.int64,))
+        check_same_device(S=S, exclude=exclude)
+        if exclude.shape[0] != S.shape[0]:
+            raise ValueError(f"exclude has {exclude.shape[0]} rows but S has B={S.shape[0]} queries")
+
+
+def check_values(S, codes, exclude=None) -> None:
+    """Data checks; code ranges are checked once per codes tensor (see ``_codes_cache``)."""
+    from recjpq._codes_cache import codes_info
+
+    if not bool(torch.isfinite(S).all()):
+        raise ValueError("S contains non-finite values (nan or inf)")
+    codes_info(codes).check_range(S.shape[2])
+    if exclude is not None and exclude.numel():
+        lo, hi = int(exclude.min()), int(exclude.max())
+        if lo < -1 or hi >= codes.shape[0]:
+            raise ValueError(f"exclude ids must be in [-1, N={codes.shape[0]}), got values in [{lo}, {hi}]")

@@ -1,0 +1,57 @@
+"""Backend registry: every op runs on one of these, chosen by device (and shape) or by name.
+
+A backend is a module exposing ``unavailable_reason(device) -> str | None`` and the op
+implementations it supports (``pq_scores(S, codes)``, ``pq_topk(S, codes, k, exclude, algorithm)``).
+Implementations receive validated inputs: S float32 contiguous ``[B, M, K]``, codes contiguous
+``[N, M]`` (uint8/int16/int32, in range), exclude int64 contiguous ``[B, E]`` or None, 1 <= k <= N.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+# Preference order per device type when ``backend=None``; the first available one wins.
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+@functools.cache
+def get(name: str):
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    return importlib.import_module(f"recjpq.backends.{name}")
+
+
+@functools.cache
+def _reason(name: str, device_type: str) -> str | None:
+    try:
+        module = get(name)
+    except ImportError as e:  # a compiled part or an optional dependency is missing
+        return f"it failed to import ({e})"
+    return module.unavailable_reason(torch.device(device_type))
+
+
+def available(device: torch.device | str) -> list[str]:
+    """Names of the backends that can run on ``device``."""
+    device_type = torch.device(device).type
+    return [n for n in BACKENDS if _reason(n, device_type) is None]
+
+
+def resolve(backend: str | None, device: torch.device, op: str) -> str:
+    """The backend that runs ``op`` on ``device``: the named one, or the best available."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        reason = _reason(backend, device.type)
+        if reason is None and not hasattr(get(backend), op):
+            reason = f"it does not implement {op}"
+        if reason is not None:
+            raise RuntimeError(f"backend {backend!r} cannot run {op} on {device.type} tensors: {reason}")
+        return backend
+    for name in _AUTO_ORDER.get(device.type, ("reference",)):
+        if _reason(name, device.type) is None and hasattr(get(name), op):
+            return name
+    raise RuntimeError(f"no backend can run {op} on {device.type} tensors")

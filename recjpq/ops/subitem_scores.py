@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import torch
+
+from recjpq._validate import FLOAT_DTYPES, check_same_device, check_tensor
+
+
+def subitem_scores(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The sub-item score table S: ``S[..., m, k] = query[..., m-th chunk] . centroids[m, k]``.
+
+    ``query [B, d]`` (any leading dims are kept), ``centroids [M, K, d // M]`` -> S ``[B, M, K]``
+    float32. It is the only place the query meets the sub-item embeddings, so autograd flows
+    through it to both.
+    """
+    check_tensor("query", query, dtypes=FLOAT_DTYPES)
+    check_tensor("centroids", centroids, ndim=3, dtypes=FLOAT_DTYPES)
+    check_same_device(query=query, centroids=centroids)
+    if query.dim() < 1:
+        raise ValueError("query must have shape [B, d]")
+    m, _, dsub = centroids.shape
+    d = query.shape[-1]
+    if d % m != 0:
+        raise ValueError(f"query dim d={d} is not divisible by M={m} splits of centroids")
+    if d // m != dsub:
+        raise ValueError(f"centroids have sub-dimension {dsub} but query dim d={d} with M={m} needs {d // m}")
+    chunks = query.reshape(*query.shape[:-1], m, dsub)
+    dtype = torch.promote_types(torch.promote_types(query.dtype, centroids.dtype), torch.float32)
+    return torch.einsum("...md,mkd->...mk", chunks.to(dtype), centroids.to(dtype)).float()
