@@ -1,8 +1,16 @@
 """Shared test helpers: random problems of awkward shapes and the brute-force oracle."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# @triton.jit picks compile or interpret when a kernel is decorated (when recjpq.kernels is first
+# imported), so the choice is made here, before any test module imports recjpq: without a GPU,
+# Triton kernels run in the interpreter on CPU tensors (tests/test_triton_backend.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def random_problem(batch, n, m, k_codes, *, seed=0, integer_scores=False, dtype=None, device="cpu"):
@@ -36,3 +44,31 @@ def brute_force_topk(S, codes, k, exclude=None):
 @pytest.fixture
 def problem():
     return random_problem
+
+
+def exact_scores(S, codes, indices):
+    """float64 scores of the given item ids ``[B, k]`` (ids of -1 score -inf)."""
+    idx = codes.long()[indices.clamp(min=0)]  # [B, k, M]
+    picked = torch.gather(S.double(), 2, idx.transpose(1, 2)).sum(1)
+    return picked.masked_fill(indices < 0, float("-inf"))
+
+
+def assert_topk(S, codes, k, values, indices, exclude=None, exact=False):
+    """Check a top-k result against brute force. ``exact`` (integer-valued S, so every summation
+    order agrees) demands identical values and indices; otherwise values must match within float32
+    rounding and each returned item must really have its returned score (near-ties may swap)."""
+    ref_values, ref_indices = brute_force_topk(S, codes, k, exclude)
+    assert values.shape == ref_values.shape and values.dtype == torch.float32
+    assert indices.shape == ref_indices.shape and indices.dtype == torch.int64
+    if exact:
+        assert torch.equal(values, ref_values), (values, ref_values)
+        assert torch.equal(indices, ref_indices), (indices, ref_indices)
+        return
+    torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(indices < 0, ref_indices < 0)
+    torch.testing.assert_close(exact_scores(S, codes, indices).float(), values, rtol=1e-5, atol=1e-5)
+    for b in range(indices.shape[0]):
+        found = indices[b][indices[b] >= 0].tolist()
+        assert len(found) == len(set(found)), "an item was returned twice"
+        if exclude is not None:
+            assert not set(found) & set(exclude[b].tolist()), "an excluded item was returned"
