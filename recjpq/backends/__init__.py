@@ -40,8 +40,12 @@ def available(device: torch.device | str) -> list[str]:
     return [n for n in BACKENDS if _reason(n, device_type) is None]
 
 
-def resolve(backend: str | None, device: torch.device, op: str) -> str:
-    """The backend that runs ``op`` on ``device``: the named one, or the best available."""
+@torch.compiler.assume_constant_result  # a pure function of constants: compiled code keeps its answer
+def resolve(backend: str | None, device: torch.device, op: str, shape: dict | None = None) -> str:
+    """The backend that runs ``op`` on ``device``: the named one, or the best available.
+
+    ``shape`` (sizes B, N, M, K, k) lets CUDA tensors pick between "cuda" and "triton" from the
+    measured table in ``_gpu_dispatch``, skipping a backend that cannot run the shape."""
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
@@ -51,7 +55,12 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
         if reason is not None:
             raise RuntimeError(f"backend {backend!r} cannot run {op} on {device.type} tensors: {reason}")
         return backend
-    for name in _AUTO_ORDER.get(device.type, ("reference",)):
-        if _reason(name, device.type) is None and hasattr(get(name), op):
-            return name
+    order = [n for n in _AUTO_ORDER.get(device.type, ("reference",))
+             if _reason(n, device.type) is None and hasattr(get(n), op)]
+    if device.type == "cuda" and shape is not None:
+        from recjpq.backends import _gpu_dispatch
+
+        order = _gpu_dispatch.order(op, shape, device, order)
+    if order:
+        return order[0]
     raise RuntimeError(f"no backend can run {op} on {device.type} tensors")

@@ -49,5 +49,6 @@ def pq_scores(S: torch.Tensor, codes: torch.Tensor, *, backend: str | None = Non
     use ``pq_topk``, which never does.
     """
     check_table(S, codes)
-    name = backends.resolve(backend, S.device, "pq_scores")
+    shape = {"B": S.shape[0], "N": codes.shape[0], "M": S.shape[1], "K": S.shape[2]}
+    name = backends.resolve(backend, S.device, "pq_scores", shape)
     return _pq_scores_op(S.float().contiguous(), codes.contiguous(), name)

@@ -58,7 +58,8 @@ def pq_topk(S: torch.Tensor, codes: torch.Tensor, k: int, *, exclude: torch.Tens
     check_topk_args(S, codes, k, exclude)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    name = backends.resolve(backend, S.device, "pq_topk")
+    shape = {"B": S.shape[0], "N": codes.shape[0], "M": S.shape[1], "K": S.shape[2], "k": k}
+    name = backends.resolve(backend, S.device, "pq_topk", shape)
     if exclude is not None:
         exclude = exclude.contiguous()
     return _pq_topk_op(S.float().contiguous(), codes.contiguous(), k, exclude, name, algorithm)

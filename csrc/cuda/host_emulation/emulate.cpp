@@ -1,0 +1,147 @@
+// Runs the CUDA kernels of csrc/cuda (the very *_kernel.cuh sources) on CPU threads, so tests on
+// machines without a GPU exercise their indexing, barriers and selection logic:
+// one std::thread per CUDA thread, __syncthreads as a std::barrier, CTAs one after another
+// (so a later CTA sees the thresholds earlier ones published), `__shared__` arrays as statics.
+// Built by tests/test_cuda_backend.py with g++ -std=c++20 -DRECJPQ_HOST_EMULATION; not part of
+// the extension (setup.py compiles csrc/cuda/*.cu and *.cpp only).
+#include <cuda_runtime_api.h>
+#include <vector_types.h>
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+// The CUDA headers define these as attributes for host compilers; the emulation needs them plain.
+#undef __device__
+#undef __host__
+#undef __global__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __shared__
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(threads)
+#define __shared__ static
+
+thread_local uint3 threadIdx;
+uint3 blockIdx;
+dim3 blockDim, gridDim;
+
+namespace {
+std::barrier<>* cta_barrier = nullptr;
+char* cta_smem = nullptr;
+}  // namespace
+
+inline void __syncthreads() { cta_barrier->arrive_and_wait(); }
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+template <typename T>
+inline T min(T a, T b) { return a < b ? a : b; }
+inline int __float_as_int(float x) {
+  int bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline long long atomicMax(long long* p, long long v) {
+  std::atomic_ref<long long> ref(*p);
+  long long old = ref.load();
+  while (old < v && !ref.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+
+#include "../pq_launch.h"
+#include "../pq_scores_kernel.cuh"
+#include "../pq_topk_kernel.cuh"
+
+char* recjpq_cuda::dynamic_smem() { return cta_smem; }
+
+namespace {
+
+template <typename Kernel, typename... Args>
+void run_grid(dim3 grid, size_t smem, Kernel kernel, Args... args) {
+  void* buffer = std::aligned_alloc(16, std::max<size_t>(16, (smem + 15) & ~size_t(15)));
+  cta_smem = static_cast<char*>(buffer);
+  gridDim = grid;
+  blockDim = dim3(recjpq_cuda::kThreads);
+  for (unsigned y = 0; y < grid.y; ++y) {
+    for (unsigned x = 0; x < grid.x; ++x) {
+      blockIdx = make_uint3(x, y, 0);
+      std::barrier<> barrier(recjpq_cuda::kThreads);
+      cta_barrier = &barrier;
+      std::vector<std::thread> threads;
+      for (unsigned t = 0; t < blockDim.x; ++t)
+        threads.emplace_back([&, t] {
+          threadIdx = make_uint3(t, 0, 0);
+          kernel(args...);
+        });
+      for (auto& thread : threads) thread.join();
+    }
+  }
+  std::free(buffer);
+}
+
+template <typename CodeT, int QB>
+void topk(const float* S, const void* codes, const int64_t* exclude, int64_t E, int64_t B, int M, int K, int64_t N,
+          int k, int len, int grid_x, int64_t* thresholds, int64_t* candidates) {
+  const dim3 grid(grid_x, static_cast<unsigned>((B + QB - 1) / QB));
+  run_grid(grid, recjpq_cuda::topk_smem_bytes(M, K, QB, len), recjpq_cuda::pq_topk_kernel<CodeT, QB>, S,
+           static_cast<const CodeT*>(codes), exclude, E, B, M, K, N, k, len,
+           recjpq_cuda::codes_vec16<CodeT>(codes, M), thresholds, candidates);
+}
+
+template <typename CodeT, int QB>
+void scores(const float* S, const void* codes, int64_t B, int M, int K, int64_t N, float* out, int grid_x) {
+  const dim3 grid(grid_x, static_cast<unsigned>((B + QB - 1) / QB));
+  run_grid(grid, recjpq_cuda::tables_bytes(M, K, QB), recjpq_cuda::pq_scores_kernel<CodeT, QB>, S,
+           static_cast<const CodeT*>(codes), B, M, K, N, recjpq_cuda::codes_vec16<CodeT>(codes, M), out);
+}
+
+// Calls f.template operator()<CodeT, QB>() for the runtime code width and query group.
+template <typename F>
+bool dispatch(int code_bytes, int query_group, F&& f) {
+  auto by_group = [&]<typename CodeT>() {
+    switch (query_group) {
+      case 1: f.template operator()<CodeT, 1>(); return true;
+      case 2: f.template operator()<CodeT, 2>(); return true;
+      case 4: f.template operator()<CodeT, 4>(); return true;
+      default: return false;
+    }
+  };
+  switch (code_bytes) {
+    case 1: return by_group.template operator()<uint8_t>();
+    case 2: return by_group.template operator()<int16_t>();
+    case 4: return by_group.template operator()<int32_t>();
+    default: return false;
+  }
+}
+
+}  // namespace
+
+// The launchers' arguments (no stream) and checks; 0 when the kernel ran, 1 on a rejected argument.
+extern "C" int emulate_pq_topk_candidates(const float* S, const void* codes, int code_bytes, const int64_t* exclude,
+                                          int64_t E, int64_t B, int M, int K, int64_t N, int k, int buffer_len,
+                                          int query_group, int grid_x, int64_t* thresholds, int64_t* candidates) {
+  if (!recjpq_cuda::valid_problem(S, codes, code_bytes, B, M, K, N, query_group, grid_x) ||
+      !recjpq_cuda::valid_topk(N, k, buffer_len, E, exclude, thresholds, candidates))
+    return 1;
+  return dispatch(code_bytes, query_group, [&]<typename CodeT, int QB>() {
+           topk<CodeT, QB>(S, codes, exclude, E, B, M, K, N, k, buffer_len, grid_x, thresholds, candidates);
+         }) ? 0 : 1;
+}
+
+extern "C" int emulate_pq_scores(const float* S, const void* codes, int code_bytes, int64_t B, int M, int K,
+                                 int64_t N, float* out, int query_group, int grid_x) {
+  if (!recjpq_cuda::valid_problem(S, codes, code_bytes, B, M, K, N, query_group, grid_x) || out == nullptr) return 1;
+  return dispatch(code_bytes, query_group, [&]<typename CodeT, int QB>() {
+           scores<CodeT, QB>(S, codes, B, M, K, N, out, grid_x);
+         }) ? 0 : 1;
+}
