@@ -1,0 +1,83 @@
+"""Time and peak memory of BACO item codes (and optionally the co-clustering) on a large synthetic log.
+
+    nice -n 10 python bench/baco_scale.py --items 1000000 --interactions 10000000
+    nice -n 10 python bench/baco_scale.py --items 1000000 --interactions 10000000 --co-cluster 250000
+
+The log is ``bench/assign_codes_scale.power_law_log`` (Zipf-like item popularity), the same one the
+svd strategy is timed on, so the two JSON files compare directly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.assign_codes_scale import power_law_log  # noqa: E402
+from bench.peers import machine  # noqa: E402
+from recjpq.codes import assign_codes, co_cluster  # noqa: E402
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _load_average() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--items", type=int, default=1_000_000)
+    p.add_argument("--users", type=int, default=200_000)
+    p.add_argument("--interactions", type=int, default=10_000_000)
+    p.add_argument("--splits", type=int, default=8)
+    p.add_argument("--co-cluster", type=int, default=0, metavar="K",
+                   help="also time co_cluster with K clusters and K secondary user clusters")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+    log = power_law_log(args.users, args.items, args.interactions)
+    rss_before = _peak_rss_mb()
+    load_before = _load_average()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    codes = assign_codes(log, args.items, args.splits, strategy="baco")
+    seconds, cpu_seconds = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    counts = np.stack([np.bincount(codes[:, m].numpy(), minlength=256) for m in range(args.splits)])
+    unique = np.unique(codes.numpy(), axis=0).shape[0] / args.items
+    result = {"items": args.items, "users": args.users, "interactions": args.interactions,
+              "splits": args.splits, "strategy": "baco", "seconds": round(seconds, 2),
+              "cpu_seconds": round(cpu_seconds, 2), "peak_rss_mb": round(_peak_rss_mb()),
+              "rss_after_log_mb": round(rss_before),
+              "code_count_min": int(counts.min()), "code_count_max": int(counts.max()),
+              "unique_code_tuples": round(unique, 4), "load_average_before": load_before,
+              "load_average_after": _load_average(), "machine": machine()}
+    if args.co_cluster:
+        users, items = (torch.from_numpy(x) for x in log)
+        t0 = time.perf_counter()
+        cc = co_cluster((users, items), args.co_cluster, num_secondary=args.co_cluster,
+                        num_users=args.users, num_items=args.items, sweeps=5, progress=True)
+        result["co_cluster"] = {"clusters": args.co_cluster, "sweeps": 5, "seconds": round(time.perf_counter() - t0, 2),
+                                "peak_rss_mb": round(_peak_rss_mb()),
+                                "item_clusters_used": int(torch.unique(cc.item_clusters).numel())}
+    print(json.dumps(result, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"baco_scale_{args.items}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
