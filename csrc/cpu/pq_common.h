@@ -1,0 +1,136 @@
+// Shared pieces of the CPU PQ kernels: packed top-k keys, per-query candidate buffers,
+// exclusion lookups, and the SIMD block scorers chosen at run time.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace recjpq_cpu {
+
+// Items per block of the scan layout: codes are stored [num_blocks, M, kBlock], so one split of one
+// block is a contiguous run of kBlock codes (one cache line for uint8) feeding whole SIMD registers.
+constexpr int64_t kBlock = 64;
+
+// ---- packed keys: ordered score bits high, 2^32-1-index low (as recjpq/topk_keys.py) ----------
+
+inline int32_t ordered_int32(float score) {
+  score = score + 0.0f;  // folds -0.0 into +0.0 (not an identity under IEEE, so the compiler keeps it)
+  int32_t bits;
+  std::memcpy(&bits, &score, sizeof bits);
+  return bits >= 0 ? bits : bits ^ 0x7FFFFFFF;
+}
+
+inline int64_t pack_key(float score, int64_t index) {
+  const uint64_t high = static_cast<uint64_t>(static_cast<uint32_t>(ordered_int32(score))) << 32;
+  return static_cast<int64_t>(high | (0xFFFFFFFFull - static_cast<uint64_t>(index)));
+}
+
+inline float key_score(int64_t key) {
+  int32_t high = static_cast<int32_t>(key >> 32);
+  high = high >= 0 ? high : high ^ 0x7FFFFFFF;
+  float score;
+  std::memcpy(&score, &high, sizeof score);
+  return score;
+}
+
+inline int64_t key_index(int64_t key) { return 0xFFFFFFFFll - (key & 0xFFFFFFFFll); }
+
+// Candidates of one query from one ascending scan of items. Scores below `threshold` cannot enter
+// the top-k: once k candidates are kept, threshold is just above the k-th score, because any later
+// item with an equal score has a higher index and loses the tie.
+class AscendingTopK {
+ public:
+  explicit AscendingTopK(int64_t k) : k_(k), capacity_(std::max<int64_t>(4 * k, k + 1024)) {
+    keys_.reserve(capacity_);
+  }
+
+  float threshold() const { return threshold_; }
+
+  void push(float score, int64_t index) {
+    if (score < threshold_) return;
+    keys_.push_back(pack_key(score, index));
+    if (static_cast<int64_t>(keys_.size()) >= capacity_) shrink();
+  }
+
+  const std::vector<int64_t>& keys() const { return keys_; }
+
+ private:
+  void shrink() {
+    std::nth_element(keys_.begin(), keys_.begin() + (k_ - 1), keys_.end(), std::greater<int64_t>());
+    keys_.resize(k_);
+    threshold_ = std::nextafter(key_score(keys_[k_ - 1]), std::numeric_limits<float>::infinity());
+  }
+
+  int64_t k_, capacity_;
+  float threshold_ = -std::numeric_limits<float>::infinity();
+  std::vector<int64_t> keys_;
+};
+
+// The sorted non-negative ids of each query's exclude row.
+class ExcludeLists {
+ public:
+  ExcludeLists(const c10::optional<at::Tensor>& exclude, int64_t batch);
+  bool contains(int64_t query, int64_t item) const {
+    if (lists_.empty()) return false;
+    const auto& ids = lists_[query];
+    return !ids.empty() && std::binary_search(ids.begin(), ids.end(), item);
+  }
+
+ private:
+  std::vector<std::vector<int64_t>> lists_;
+};
+
+// Writes the best min(k, |keys|) keys of one query (descending) as values/indices, padding the
+// tail with (-inf, -1). Reorders `keys`.
+void write_topk(std::vector<int64_t>& keys, int64_t k, float* values, int64_t* indices);
+
+// ---- SIMD block scorers ---------------------------------------------------------------------
+
+enum class Simd { kScalar, kAvx2, kAvx512 };
+
+bool simd_supported(Simd level);
+// "auto" -> the best supported level; "scalar" | "avx2" | "avx512" -> that level, or an error
+// saying the CPU (or the build's architecture) lacks it.
+Simd parse_simd(const std::string& name);
+const char* simd_name(Simd level);
+
+// Scores `num_blocks` consecutive blocks ([num_blocks, M, kBlock] codes) for one query's table
+// S [M, K]: out[j] = sum_m S[m, code[j, m]] summed in split order m = 0..M-1. If `masks` is not
+// null, bit j of masks[b] says whether item j of block b scored >= threshold.
+template <typename CodeT>
+using ScoreBlocksFn = void (*)(const CodeT* blocks, int64_t num_blocks, int64_t M, const float* S, int64_t K,
+                               float threshold, float* out, uint64_t* masks);
+
+template <typename CodeT>
+ScoreBlocksFn<CodeT> score_blocks_fn(Simd level);
+
+// The bound filter for uint8 codes: with S quantised per query to bytes qtable [M, 256], sets bit j
+// of masks[b] when item j of block b has sum_m qtable[m, code] >= threshold (a 16-bit sum). Sixty-four
+// byte lookups take three AVX-512 VBMI instructions, so this scans ~8x faster than float gathers;
+// items that pass are rescored exactly. Null where the CPU lacks AVX-512 VBMI.
+using FilterBlocksFn = void (*)(const uint8_t* blocks, int64_t num_blocks, int64_t M, const uint8_t* qtable,
+                                uint16_t threshold, uint64_t* masks);
+FilterBlocksFn filter_blocks_fn(Simd level);
+
+// Calls fn(CodeT{}) with CodeT matching the codes dtype (uint8, int16, int32).
+template <typename Fn>
+auto dispatch_codes(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kByte: return fn(uint8_t{});
+    case at::kShort: return fn(int16_t{});
+    case at::kInt: return fn(int32_t{});
+    default: TORCH_CHECK(false, "recjpq_cpu: codes must be uint8, int16 or int32, got ", dtype);
+  }
+}
+
+void check_table(const at::Tensor& S, int64_t M);
+
+}  // namespace recjpq_cpu

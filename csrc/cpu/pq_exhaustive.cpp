@@ -1,0 +1,274 @@
+// Exhaustive fused PQ scoring and top-k over the blocked code layout.
+//
+// Work is a grid of (item range x query group) tasks, one per thread: with B = 1 every thread scans
+// its own slice of the catalogue; with B > 1 each thread scores a chunk of codes (kept in L1/L2) for
+// every query of its group before moving on, so one load of the codes serves the whole batch.
+// Each (task, query) keeps an AscendingTopK whose threshold filters most items inside the SIMD
+// scorer; the buffers are merged per query at the end. Memory is O(threads x B x k), never B x N.
+#include "pq_common.h"
+
+#include <ATen/Parallel.h>
+
+namespace recjpq_cpu {
+
+ExcludeLists::ExcludeLists(const c10::optional<at::Tensor>& exclude, int64_t batch) {
+  if (!exclude.has_value() || exclude->numel() == 0) return;
+  TORCH_CHECK(exclude->dim() == 2 && exclude->size(0) == batch && exclude->scalar_type() == at::kLong &&
+                  exclude->is_contiguous(),
+              "recjpq_cpu: exclude must be contiguous int64 [B, E]");
+  const int64_t width = exclude->size(1);
+  const int64_t* data = exclude->data_ptr<int64_t>();
+  lists_.resize(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    auto& ids = lists_[b];
+    for (int64_t e = 0; e < width; ++e) {
+      if (data[b * width + e] >= 0) ids.push_back(data[b * width + e]);
+    }
+    std::sort(ids.begin(), ids.end());
+  }
+}
+
+void write_topk(std::vector<int64_t>& keys, int64_t k, float* values, int64_t* indices) {
+  const int64_t found = std::min<int64_t>(k, keys.size());
+  std::partial_sort(keys.begin(), keys.begin() + found, keys.end(), std::greater<int64_t>());
+  for (int64_t j = 0; j < found; ++j) {
+    values[j] = key_score(keys[j]);
+    indices[j] = key_index(keys[j]);
+  }
+  for (int64_t j = found; j < k; ++j) {
+    values[j] = -std::numeric_limits<float>::infinity();
+    indices[j] = -1;
+  }
+}
+
+void check_table(const at::Tensor& S, int64_t M) {
+  TORCH_CHECK(S.device().is_cpu() && S.scalar_type() == at::kFloat && S.dim() == 3 && S.is_contiguous(),
+              "recjpq_cpu: S must be a contiguous float32 CPU tensor [B, M, K]");
+  TORCH_CHECK(S.size(1) == M, "recjpq_cpu: S has M=", S.size(1), " splits but the codes have ", M);
+}
+
+namespace {
+
+constexpr int64_t kChunkBlocks = 32;  // 2048 items per chunk: M=8 uint8 codes take 16 KB (L1)
+
+void check_blocked(const at::Tensor& blocked, int64_t n) {
+  TORCH_CHECK(blocked.device().is_cpu() && blocked.dim() == 3 && blocked.size(2) == kBlock && blocked.is_contiguous(),
+              "recjpq_cpu: blocked codes must be a contiguous CPU tensor [num_blocks, M, ", kBlock, "]");
+  TORCH_CHECK(n >= 1 && blocked.size(0) == (n + kBlock - 1) / kBlock,
+              "recjpq_cpu: blocked codes hold ", blocked.size(0), " blocks, which does not fit N=", n);
+}
+
+// Tasks: `parts` contiguous block ranges x `groups` contiguous query ranges, parts * groups <= threads.
+struct Grid {
+  int64_t parts, groups, num_blocks, batch;
+  Grid(int64_t num_blocks_, int64_t batch_) : num_blocks(num_blocks_), batch(batch_) {
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    parts = std::max<int64_t>(1, std::min(threads, num_blocks / 4));
+    groups = std::max<int64_t>(1, std::min(batch, threads / parts));
+  }
+  int64_t tasks() const { return parts * groups; }
+  int64_t block_begin(int64_t part) const { return num_blocks * part / parts; }
+  int64_t query_begin(int64_t group) const { return batch * group / groups; }
+};
+
+// Runs body(block_begin, block_end, query_begin, query_end, part) for every task, in parallel.
+template <typename Body>
+void for_each_task(const Grid& grid, Body&& body) {
+  at::parallel_for(0, grid.tasks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t part = t % grid.parts, group = t / grid.parts;
+      body(grid.block_begin(part), grid.block_begin(part + 1), grid.query_begin(group), grid.query_begin(group + 1),
+           part);
+    }
+  });
+}
+
+at::Tensor block_codes(const at::Tensor& codes) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 2 && codes.size(0) >= 1,
+              "recjpq_cpu: codes must be a CPU tensor [N, M] with N >= 1");
+  const at::Tensor rows = codes.contiguous();
+  const int64_t n = rows.size(0), M = rows.size(1), num_blocks = (n + kBlock - 1) / kBlock;
+  // padding items get code 0 (a valid sub-id); the kernels never report them
+  at::Tensor blocked = at::zeros({num_blocks, M, kBlock}, rows.options());
+  dispatch_codes(rows.scalar_type(), [&](auto tag) {
+    using CodeT = decltype(tag);
+    const CodeT* src = rows.data_ptr<CodeT>();
+    CodeT* dst = blocked.data_ptr<CodeT>();
+    at::parallel_for(0, num_blocks, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t width = std::min(kBlock, n - b * kBlock);
+        for (int64_t j = 0; j < width; ++j)
+          for (int64_t m = 0; m < M; ++m) dst[(b * M + m) * kBlock + j] = src[(b * kBlock + j) * M + m];
+      }
+    });
+  });
+  return blocked;
+}
+
+at::Tensor pq_scores(const at::Tensor& S, const at::Tensor& blocked, int64_t n, c10::string_view simd) {
+  check_blocked(blocked, n);
+  const int64_t M = blocked.size(1);
+  check_table(S, M);
+  const int64_t batch = S.size(0), K = S.size(2);
+  at::Tensor out = at::empty({batch, n}, S.options());
+  const Simd level = parse_simd(std::string(simd));
+  dispatch_codes(blocked.scalar_type(), [&](auto tag) {
+    using CodeT = decltype(tag);
+    const auto score = score_blocks_fn<CodeT>(level);
+    const CodeT* codes = blocked.data_ptr<CodeT>();
+    const float* table = S.data_ptr<float>();
+    float* scores = out.data_ptr<float>();
+    const Grid grid(blocked.size(0), batch);
+    for_each_task(grid, [&](int64_t blk0, int64_t blk1, int64_t q0, int64_t q1, int64_t) {
+      std::vector<float> tail(kChunkBlocks * kBlock);
+      for (int64_t c = blk0; c < blk1; c += kChunkBlocks) {
+        const int64_t nb = std::min(kChunkBlocks, blk1 - c), first = c * kBlock;
+        const int64_t width = std::min(nb * kBlock, n - first);
+        for (int64_t q = q0; q < q1; ++q) {
+          float* row = scores + q * n + first;
+          const bool whole = width == nb * kBlock;  // write in place unless the chunk runs past N
+          score(codes + c * M * kBlock, nb, M, table + q * M * K, K, 0.0f, whole ? row : tail.data(), nullptr);
+          if (!whole) std::memcpy(row, tail.data(), width * sizeof(float));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// One query's S quantised to bytes on a common step (q = floor((S - min_m) / step)), with what it
+// takes to turn a float threshold into a 16-bit one that every item able to reach it passes:
+// score <= sum_m (min_m + (q_m + 1) * step) + float rounding < base + (Q + 2M) * step + slack.
+class ByteTable {
+ public:
+  ByteTable(const float* S, int64_t M, int64_t K) : bytes_(M * 256, 0), M_(M) {
+    std::vector<float> lo(M);
+    double widest = 0.0, largest = 0.0;
+    base_ = 0.0;
+    for (int64_t m = 0; m < M; ++m) {
+      const auto [mn, mx] = std::minmax_element(S + m * K, S + (m + 1) * K);
+      lo[m] = *mn;
+      base_ += *mn;
+      widest = std::max(widest, static_cast<double>(*mx) - *mn);
+      largest = std::max({largest, std::fabs(static_cast<double>(*mn)), std::fabs(static_cast<double>(*mx))});
+    }
+    step_ = widest > 0.0 ? widest / 255.0 : 1.0;
+    slack_ = static_cast<double>(M * M) * largest * std::ldexp(1.0, -22);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < K; ++c)
+        bytes_[m * 256 + c] = static_cast<uint8_t>(std::min(255.0, std::floor((S[m * K + c] - lo[m]) / step_)));
+  }
+
+  const uint8_t* data() const { return bytes_.data(); }
+
+  uint16_t threshold(float score) const {
+    if (!(score > -std::numeric_limits<float>::infinity())) return 0;
+    const double q = (score - slack_ - base_) / step_ - 2.0 * M_;
+    return q <= 0.0 ? 0 : q >= 65535.0 ? 65535 : static_cast<uint16_t>(std::floor(q));
+  }
+
+ private:
+  std::vector<uint8_t> bytes_;
+  int64_t M_;
+  double base_, step_, slack_;
+};
+
+std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor& blocked, int64_t n, int64_t k,
+                                           const c10::optional<at::Tensor>& exclude, c10::string_view simd) {
+  check_blocked(blocked, n);
+  const int64_t M = blocked.size(1);
+  check_table(S, M);
+  TORCH_CHECK(k >= 1 && k <= n, "recjpq_cpu: k must be in [1, N=", n, "], got ", k);
+  const int64_t batch = S.size(0), K = S.size(2);
+  const Simd level = parse_simd(std::string(simd));
+  const ExcludeLists excluded(exclude, batch);
+  const Grid grid(blocked.size(0), batch);
+  std::vector<AscendingTopK> found(grid.parts * batch, AscendingTopK(k));  // [part, query]
+  const float* table = S.data_ptr<float>();
+
+  // uint8 codes on AVX-512 VBMI: filter on byte tables, rescore the few survivors exactly
+  const FilterBlocksFn filter =
+      blocked.scalar_type() == at::kByte && K <= 256 && M * 255 <= 65535 ? filter_blocks_fn(level) : nullptr;
+  std::vector<ByteTable> bytes;
+  if (filter) {
+    bytes.reserve(batch);
+    for (int64_t q = 0; q < batch; ++q) bytes.emplace_back(table + q * M * K, M, K);
+  }
+
+  dispatch_codes(blocked.scalar_type(), [&](auto tag) {
+    using CodeT = decltype(tag);
+    const auto score = score_blocks_fn<CodeT>(level);
+    const CodeT* codes = blocked.data_ptr<CodeT>();
+    for_each_task(grid, [&](int64_t blk0, int64_t blk1, int64_t q0, int64_t q1, int64_t part) {
+      std::vector<float> scores(kChunkBlocks * kBlock);
+      std::vector<uint64_t> masks(kChunkBlocks);
+      for (int64_t c = blk0; c < blk1; c += kChunkBlocks) {
+        const int64_t nb = std::min(kChunkBlocks, blk1 - c);
+        const CodeT* chunk = codes + c * M * kBlock;
+        for (int64_t q = q0; q < q1; ++q) {
+          AscendingTopK& best = found[part * batch + q];
+          const float* Sq = table + q * M * K;
+          if (filter) {
+            filter(reinterpret_cast<const uint8_t*>(chunk), nb, M, bytes[q].data(),
+                   bytes[q].threshold(best.threshold()), masks.data());
+          } else {
+            score(chunk, nb, M, Sq, K, best.threshold(), scores.data(), masks.data());
+          }
+          for (int64_t b = 0; b < nb; ++b) {
+            for (uint64_t mask = masks[b]; mask; mask &= mask - 1) {
+              const int64_t j = __builtin_ctzll(mask), item = (c + b) * kBlock + j;
+              if (item >= n) break;
+              if (excluded.contains(q, item)) continue;
+              if (!filter) {
+                best.push(scores[b * kBlock + j], item);
+                continue;
+              }
+              const CodeT* ic = chunk + b * M * kBlock + j;  // item's code in split m: ic[m * kBlock]
+              float s = Sq[ic[0]];
+              for (int64_t m = 1; m < M; ++m) s += Sq[m * K + ic[m * kBlock]];
+              best.push(s, item);
+            }
+          }
+        }
+      }
+    });
+  });
+
+  at::Tensor values = at::empty({batch, k}, S.options());
+  at::Tensor indices = at::empty({batch, k}, S.options().dtype(at::kLong));
+  float* vals = values.data_ptr<float>();
+  int64_t* ids = indices.data_ptr<int64_t>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> keys;
+    for (int64_t q = begin; q < end; ++q) {
+      keys.clear();
+      for (int64_t p = 0; p < grid.parts; ++p) {
+        const auto& part_keys = found[p * batch + q].keys();
+        keys.insert(keys.end(), part_keys.begin(), part_keys.end());
+      }
+      write_topk(keys, k, vals + q * k, ids + q * k);
+    }
+  });
+  return {values, indices};
+}
+
+bool simd_supported_op(c10::string_view name) {
+  for (Simd level : {Simd::kScalar, Simd::kAvx2, Simd::kAvx512}) {
+    if (name == simd_name(level)) return simd_supported(level);
+  }
+  TORCH_CHECK(false, "recjpq_cpu: SIMD path must be scalar, avx2 or avx512, got '", std::string(name), "'");
+}
+
+std::string simd_resolved_op(c10::string_view name) { return simd_name(parse_simd(std::string(name))); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(recjpq_cpu, m) {
+  m.def("block_codes(Tensor codes) -> Tensor", &block_codes);
+  m.def("pq_scores(Tensor S, Tensor blocked, int n, str simd) -> Tensor", &pq_scores);
+  m.def("pq_topk(Tensor S, Tensor blocked, int n, int k, Tensor? exclude, str simd) -> (Tensor, Tensor)", &pq_topk);
+  m.def("simd_supported(str level) -> bool", &simd_supported_op);
+  m.def("simd_resolved(str level) -> str", &simd_resolved_op);
+}
+
+}  // namespace recjpq_cpu

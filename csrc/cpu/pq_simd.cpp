@@ -1,0 +1,196 @@
+// Block scorers for the blocked code layout, one per SIMD level. The AVX2 and AVX-512 versions are
+// compiled with function target attributes and picked at run time from cpuid, so the extension
+// needs no -march flag and still runs on any x86-64 (and, scalar only, on aarch64).
+#include "pq_common.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define RECJPQ_X86 1
+#include <immintrin.h>
+#endif
+
+namespace recjpq_cpu {
+
+bool simd_supported(Simd level) {
+  switch (level) {
+    case Simd::kScalar: return true;
+#ifdef RECJPQ_X86
+    case Simd::kAvx2: return __builtin_cpu_supports("avx2");
+    case Simd::kAvx512: return __builtin_cpu_supports("avx512f");
+#endif
+    default: return false;
+  }
+}
+
+const char* simd_name(Simd level) {
+  switch (level) {
+    case Simd::kAvx2: return "avx2";
+    case Simd::kAvx512: return "avx512";
+    default: return "scalar";
+  }
+}
+
+Simd parse_simd(const std::string& name) {
+  if (name == "auto") {
+    for (Simd level : {Simd::kAvx512, Simd::kAvx2}) {
+      if (simd_supported(level)) return level;
+    }
+    return Simd::kScalar;
+  }
+  for (Simd level : {Simd::kScalar, Simd::kAvx2, Simd::kAvx512}) {
+    if (name == simd_name(level)) {
+      TORCH_CHECK(simd_supported(level), "recjpq_cpu: SIMD path '", name,
+                  "' was forced but this CPU (or build architecture) does not support it");
+      return level;
+    }
+  }
+  TORCH_CHECK(false, "recjpq_cpu: SIMD path must be auto, scalar, avx2 or avx512, got '", name, "'");
+}
+
+namespace {
+
+template <typename CodeT>
+void score_blocks_scalar(const CodeT* blocks, int64_t num_blocks, int64_t M, const float* S, int64_t K,
+                         float threshold, float* out, uint64_t* masks) {
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const CodeT* codes = blocks + b * M * kBlock;
+    float* acc = out + b * kBlock;
+    for (int64_t j = 0; j < kBlock; ++j) acc[j] = S[codes[j]];
+    for (int64_t m = 1; m < M; ++m) {
+      const CodeT* cm = codes + m * kBlock;
+      const float* Sm = S + m * K;
+      for (int64_t j = 0; j < kBlock; ++j) acc[j] += Sm[cm[j]];
+    }
+    if (masks) {
+      uint64_t mask = 0;
+      for (int64_t j = 0; j < kBlock; ++j) mask |= static_cast<uint64_t>(acc[j] >= threshold) << j;
+      masks[b] = mask;
+    }
+  }
+}
+
+#ifdef RECJPQ_X86
+
+// ---- AVX2: 8 items per gather ----
+__attribute__((target("avx2"))) inline __m256i indices8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+__attribute__((target("avx2"))) inline __m256i indices8(const int16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+__attribute__((target("avx2"))) inline __m256i indices8(const int32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+template <typename CodeT>
+__attribute__((target("avx2"))) void score_blocks_avx2(const CodeT* blocks, int64_t num_blocks, int64_t M,
+                                                       const float* S, int64_t K, float threshold, float* out,
+                                                       uint64_t* masks) {
+  constexpr int kLanes = 8, kRegs = kBlock / kLanes;
+  const __m256 thr = _mm256_set1_ps(threshold);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const CodeT* codes = blocks + b * M * kBlock;
+    __m256 acc[kRegs];
+    for (int r = 0; r < kRegs; ++r) acc[r] = _mm256_i32gather_ps(S, indices8(codes + r * kLanes), 4);
+    for (int64_t m = 1; m < M; ++m) {
+      const CodeT* cm = codes + m * kBlock;
+      const float* Sm = S + m * K;
+      for (int r = 0; r < kRegs; ++r)
+        acc[r] = _mm256_add_ps(acc[r], _mm256_i32gather_ps(Sm, indices8(cm + r * kLanes), 4));
+    }
+    uint64_t mask = 0;
+    for (int r = 0; r < kRegs; ++r) {
+      _mm256_storeu_ps(out + b * kBlock + r * kLanes, acc[r]);
+      mask |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(acc[r], thr, _CMP_GE_OQ))) << (r * kLanes);
+    }
+    if (masks) masks[b] = mask;
+  }
+}
+
+// ---- AVX-512: 16 items per gather ----
+__attribute__((target("avx512f"))) inline __m512i indices16(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+__attribute__((target("avx512f"))) inline __m512i indices16(const int16_t* p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+__attribute__((target("avx512f"))) inline __m512i indices16(const int32_t* p) {
+  return _mm512_loadu_si512(p);
+}
+
+template <typename CodeT>
+__attribute__((target("avx512f"))) void score_blocks_avx512(const CodeT* blocks, int64_t num_blocks, int64_t M,
+                                                           const float* S, int64_t K, float threshold, float* out,
+                                                           uint64_t* masks) {
+  constexpr int kLanes = 16, kRegs = kBlock / kLanes;
+  const __m512 thr = _mm512_set1_ps(threshold);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const CodeT* codes = blocks + b * M * kBlock;
+    __m512 acc[kRegs];
+    for (int r = 0; r < kRegs; ++r) acc[r] = _mm512_i32gather_ps(indices16(codes + r * kLanes), S, 4);
+    for (int64_t m = 1; m < M; ++m) {
+      const CodeT* cm = codes + m * kBlock;
+      const float* Sm = S + m * K;
+      for (int r = 0; r < kRegs; ++r)
+        acc[r] = _mm512_add_ps(acc[r], _mm512_i32gather_ps(indices16(cm + r * kLanes), Sm, 4));
+    }
+    uint64_t mask = 0;
+    for (int r = 0; r < kRegs; ++r) {
+      _mm512_storeu_ps(out + b * kBlock + r * kLanes, acc[r]);
+      mask |= static_cast<uint64_t>(_mm512_cmp_ps_mask(acc[r], thr, _CMP_GE_OQ)) << (r * kLanes);
+    }
+    if (masks) masks[b] = mask;
+  }
+}
+
+// ---- AVX-512 VBMI: 64 byte lookups into a 256-entry table per three instructions ----
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void filter_blocks_vbmi(
+    const uint8_t* blocks, int64_t num_blocks, int64_t M, const uint8_t* qtable, uint16_t threshold,
+    uint64_t* masks) {
+  const __m512i thr = _mm512_set1_epi16(static_cast<short>(threshold));
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const uint8_t* codes = blocks + b * M * kBlock;
+    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();  // items 0..31, 32..63
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512i idx = _mm512_loadu_si512(codes + m * kBlock);
+      const uint8_t* t = qtable + m * 256;
+      const __m512i low = _mm512_permutex2var_epi8(_mm512_loadu_si512(t), idx, _mm512_loadu_si512(t + 64));
+      const __m512i high =
+          _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 128), idx, _mm512_loadu_si512(t + 192));
+      const __m512i v = _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), low, high);
+      lo = _mm512_add_epi16(lo, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(v)));
+      hi = _mm512_add_epi16(hi, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(v, 1)));
+    }
+    masks[b] = static_cast<uint64_t>(_mm512_cmpge_epu16_mask(lo, thr)) |
+               (static_cast<uint64_t>(_mm512_cmpge_epu16_mask(hi, thr)) << 32);
+  }
+}
+
+#endif  // RECJPQ_X86
+
+}  // namespace
+
+FilterBlocksFn filter_blocks_fn(Simd level) {
+#ifdef RECJPQ_X86
+  if (level == Simd::kAvx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi"))
+    return &filter_blocks_vbmi;
+#endif
+  (void)level;
+  return nullptr;
+}
+
+template <typename CodeT>
+ScoreBlocksFn<CodeT> score_blocks_fn(Simd level) {
+  switch (level) {
+#ifdef RECJPQ_X86
+    case Simd::kAvx512: return &score_blocks_avx512<CodeT>;
+    case Simd::kAvx2: return &score_blocks_avx2<CodeT>;
+#endif
+    default: return &score_blocks_scalar<CodeT>;
+  }
+}
+
+template ScoreBlocksFn<uint8_t> score_blocks_fn<uint8_t>(Simd);
+template ScoreBlocksFn<int16_t> score_blocks_fn<int16_t>(Simd);
+template ScoreBlocksFn<int32_t> score_blocks_fn<int32_t>(Simd);
+
+}  // namespace recjpq_cpu

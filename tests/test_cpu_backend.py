@@ -1,0 +1,173 @@
+"""The "cpu" backend (C++ kernels) against the reference backend and the brute-force oracle,
+on every SIMD path this CPU has, exhaustive and pruned."""
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from recjpq import backends, ops
+from tests.conftest import brute_force_topk, random_problem
+
+if backends._reason("cpu", "cpu") is not None:
+    pytest.skip(f"cpu backend unavailable: {backends._reason('cpu', 'cpu')}", allow_module_level=True)
+
+from recjpq.backends import cpu  # noqa: E402
+
+SIMD = [pytest.param(level, marks=pytest.mark.skipif(not cpu.simd_supported(level), reason=f"CPU lacks {level}"))
+        for level in ("scalar", "avx2", "avx512")]
+ALGORITHMS = ("exhaustive", "prune", "auto")
+
+
+@pytest.fixture(params=SIMD)
+def simd(request, monkeypatch):
+    monkeypatch.setenv(cpu.SIMD_ENV, request.param)
+    assert cpu.simd_level() == request.param
+    return request.param
+
+
+def assert_same_topk(S, codes, k, exclude=None, algorithm="exhaustive"):
+    values, indices = ops.pq_topk(S, codes, k, exclude=exclude, backend="cpu", algorithm=algorithm)
+    ref_values, ref_indices = ops.pq_topk(S, codes, k, exclude=exclude, backend="reference")
+    torch.testing.assert_close(indices, ref_indices, rtol=0, atol=0)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=0)
+
+
+def random_exclude(batch, n, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    exclude = torch.randint(-1, n, (batch, width), generator=g)
+    exclude[:, 0] = -1  # padding entries mixed in
+    return exclude
+
+
+# N not a multiple of the 64-item block nor of the 2048-item chunk; M odd; K from tiny to > 256
+SHAPES = [(1, 1, 1, 1, 1), (3, 63, 3, 5, 7), (2, 130, 1, 256, 130), (4, 2049, 5, 17, 10),
+          (5, 4097, 8, 256, 33), (2, 1000, 7, 300, 999), (1, 70_001, 8, 256, 10)]
+
+
+@pytest.mark.parametrize("batch,n,m,num_codes,k", SHAPES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_topk_matches_reference(simd, batch, n, m, num_codes, k, algorithm):
+    S, codes = random_problem(batch, n, m, num_codes, seed=n + m)
+    assert_same_topk(S, codes, k, algorithm=algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_ties_and_exclusions(simd, algorithm, dtype):
+    # integer scores: sums are exact and ties abound, so only the lower-index rule orders them
+    S, codes = random_problem(6, 3001, 3, 7, seed=1, integer_scores=True, dtype=dtype)
+    exclude = random_exclude(6, 3001, 40, seed=2)
+    assert_same_topk(S, codes, 50, exclude, algorithm)
+    values, indices = ops.pq_topk(S, codes, 50, exclude=exclude, backend="cpu", algorithm=algorithm)
+    expected_values, expected_indices = brute_force_topk(S, codes, 50, exclude)
+    assert torch.equal(indices, expected_indices) and torch.equal(values, expected_values)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fewer_items_than_k_after_exclusion(simd, algorithm):
+    S, codes = random_problem(2, 9, 2, 4, seed=3, integer_scores=True)
+    exclude = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [-1, -1, -1, -1, -1, -1, 8]])
+    values, indices = ops.pq_topk(S, codes, 9, exclude=exclude, backend="cpu", algorithm=algorithm)
+    assert indices[0, 2:].eq(-1).all() and values[0, 2:].eq(float("-inf")).all()
+    assert set(indices[0, :2].tolist()) == {7, 8} and 8 not in indices[1].tolist()
+    assert_same_topk(S, codes, 9, exclude, algorithm)
+
+
+def test_peaked_tables_prune_exactly():
+    # a few large entries per split: the regime where pruning stops early
+    S, codes = random_problem(3, 50_000, 8, 256, seed=4)
+    S[:, :, :4] += 20.0
+    assert_same_topk(S, codes, 10, algorithm="prune")
+    _, _, visited = _prune_raw(S, codes, 10, max_visits=codes.shape[0])
+    assert (visited > 0).all() and (visited < codes.shape[0] // 4).all()
+
+
+def _prune_raw(S, codes, k, max_visits):
+    offsets, items = cpu.inverted_index(codes, S.shape[2])
+    return torch.ops.recjpq_cpu.pq_topk_prune(S, codes, offsets, items, k, None, max_visits)
+
+
+def test_prune_budget_falls_back_to_exhaustive():
+    S, codes = random_problem(4, 20_000, 4, 64, seed=5)
+    _, _, visited = _prune_raw(S, codes, 10, max_visits=100)
+    assert (visited == -1).all()  # random tables: no query proves its top-k within 100 items
+    values, indices = cpu._pruned(S, codes, 10, None, max_visits=100)
+    ref_values, ref_indices = ops.pq_topk(S, codes, 10, backend="reference")
+    assert torch.equal(indices, ref_indices) and torch.equal(values, ref_values)
+
+
+@pytest.mark.parametrize("batch,n,m,num_codes", [(1, 1, 1, 1), (3, 65, 5, 300), (2, 4100, 8, 256)])
+def test_scores_match_reference(simd, batch, n, m, num_codes):
+    S, codes = random_problem(batch, n, m, num_codes, seed=6)
+    scores = ops.pq_scores(S, codes, backend="cpu")
+    assert torch.equal(scores, ops.pq_scores(S, codes, backend="reference"))
+
+
+def test_layout_rebuilt_after_in_place_edit():
+    S, codes = random_problem(2, 500, 4, 16, seed=7)
+    before = ops.pq_scores(S, codes, backend="cpu")
+    codes[::3] = (codes[::3] + 1) % 16
+    after = ops.pq_scores(S, codes, backend="cpu")
+    assert not torch.equal(before, after)
+    assert torch.equal(after, ops.pq_scores(S, codes, backend="reference"))
+
+
+def test_forcing_a_bad_simd_path_is_a_clear_error(monkeypatch):
+    S, codes = random_problem(1, 10, 2, 4)
+    monkeypatch.setenv(cpu.SIMD_ENV, "sse9")
+    with pytest.raises(ValueError, match=cpu.SIMD_ENV):
+        ops.pq_topk(S, codes, 3, backend="cpu")
+    missing = [level for level in ("avx2", "avx512") if not cpu.simd_supported(level)]
+    if missing:
+        monkeypatch.setenv(cpu.SIMD_ENV, missing[0])
+        with pytest.raises(RuntimeError, match="does not support"):
+            ops.pq_topk(S, codes, 3, backend="cpu")
+
+
+def test_auto_backend_on_cpu_is_cpu():
+    assert backends.resolve(None, torch.device("cpu"), "pq_topk") == "cpu"
+
+
+def test_kernels_release_the_gil():
+    # With a 10 s switch interval the main thread cannot take the GIL from the worker unless the
+    # kernel releases it, so the counter moves during the call only if the GIL was released.
+    S, codes = random_problem(8, 400_000, 8, 256, seed=8)
+    blocked = cpu.blocked_codes(codes)
+    counter, spans = [0], []
+    started, finished = threading.Event(), threading.Event()
+
+    def worker():
+        started.set()
+        before = counter[0]
+        torch.ops.recjpq_cpu.pq_topk(S, blocked, codes.shape[0], 10, None, "auto")
+        spans.append(counter[0] - before)
+        finished.set()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        started.wait()
+        while not finished.is_set():
+            counter[0] += 1
+            finished.wait(0.0001)
+        thread.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert spans[0] > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), n=st.integers(1, 300), m=st.integers(1, 5), num_codes=st.integers(1, 40),
+       k_frac=st.floats(0, 1), width=st.integers(0, 6), seed=st.integers(0, 2**16),
+       algorithm=st.sampled_from(ALGORITHMS), integer_scores=st.booleans())
+def test_fuzz_against_brute_force(batch, n, m, num_codes, k_frac, width, seed, algorithm, integer_scores):
+    S, codes = random_problem(batch, n, m, num_codes, seed=seed, integer_scores=integer_scores)
+    k = max(1, round(k_frac * n))
+    exclude = random_exclude(batch, n, width, seed) if width else None
+    assert_same_topk(S, codes, k, exclude, algorithm)
