@@ -1,0 +1,72 @@
+"""Building blocks shared by the PQ kernels: scoring a tile of items for a group of queries from
+the sub-item score table S, and turning scores into packed int64 top-k keys.
+
+Whether ``@triton.jit`` compiles or interprets is decided when a kernel is decorated, i.e. when
+these modules are imported: ``INTERPRETED`` records that choice for the backend.
+"""
+import triton
+import triton.language as tl
+
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def score_tile(S, codes_t, rows, row_ok, items, item_ok, N, M: tl.constexpr, K: tl.constexpr):
+    """Scores ``[QB, BLOCK]`` of ``items`` for the queries ``rows``, summed over splits 0..M-1 in order.
+
+    ``codes_t`` is the ``[M, N]`` (split-major) copy of the codes, so each split's codes load
+    coalesced; the S rows are gathered through L1, where one query's ``M x K`` table stays hot.
+    Adding splits in the reference's order makes the sums bit-identical to it.
+    """
+    table = S + rows.to(tl.int64)[:, None] * (M * K)
+    ok = row_ok[:, None] & item_ok[None, :]
+    acc = tl.zeros((rows.shape[0], items.shape[0]), dtype=tl.float32)
+    for m in tl.static_range(M):
+        code = tl.load(codes_t + m * N.to(tl.int64) + items, mask=item_ok, other=0).to(tl.int32)
+        acc += tl.load(table + (m * K + code)[None, :], mask=ok, other=0.0)
+    return acc
+
+
+@triton.jit
+def pack_keys(scores, items):
+    """The ``recjpq.topk_keys`` packing: ordered float bits high, ``2**32 - 1 - item`` low."""
+    bits = scores.to(tl.int32, bitcast=True)
+    bits = tl.where(scores == 0.0, 0, bits)  # fold -0.0 into +0.0
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    low = ((tl.full((), 1, tl.int64) << 32) - 1) - items.to(tl.int64)  # all-int64: no uint32 literal
+    return (ordered.to(tl.int64) << 32) | low[None, :]
+
+
+@triton.jit
+def empty_key():
+    """``recjpq.topk_keys.EMPTY_KEY`` (int64 min): an excluded, padded or missing item."""
+    return tl.full((), 1, tl.int64) << 63
+
+
+@triton.jit
+def count_below(row_ptr, row_ok, length, target, STEPS: tl.constexpr):
+    """Per row, how many entries of an ascending row of ``length`` are ``< target`` (branch-free
+    binary search; ``2**STEPS > length``)."""
+    pos = tl.zeros(row_ok.shape, dtype=tl.int32)
+    for s in tl.static_range(STEPS):
+        probe = pos + (1 << (STEPS - 1 - s))
+        value = tl.load(row_ptr + probe - 1, mask=row_ok & (probe <= length), other=target)
+        pos = tl.where(value < target, probe, pos)
+    return pos
+
+
+@triton.jit
+def excluded_mask(exclude_sorted, rows, row_ok, E, start, items, STEPS: tl.constexpr):
+    """``[QB, BLOCK]`` true where ``items[j]`` is in query row's exclusion list.
+
+    Rows of ``exclude_sorted`` are ascending, so the ids falling in ``[start, start + BLOCK)`` are
+    one run found by two binary searches; each of them costs one compare against the tile.
+    """
+    row_ptr = exclude_sorted + rows.to(tl.int64) * E
+    lo = count_below(row_ptr, row_ok, E, start.to(tl.int64), STEPS)
+    hi = count_below(row_ptr, row_ok, E, start.to(tl.int64) + items.shape[0], STEPS)
+    hit = tl.zeros((rows.shape[0], items.shape[0]), dtype=tl.int1)
+    for t in range(0, tl.max(hi - lo)):
+        ids = tl.load(row_ptr + lo + t, mask=row_ok & (lo + t < hi), other=-1)
+        hit |= ids[:, None] == items[None, :].to(tl.int64)
+    return hit

@@ -1,0 +1,72 @@
+"""Fused ``pq_topk``, stage 1: scores item tiles and keeps each query's best ``KT`` packed keys.
+
+Grid: ``num_splits`` contiguous item ranges x query groups of ``QB``. A program walks its range
+one tile at a time, keeping a sorted running top-``KT`` in registers; its worst key is a running
+threshold, and a tile in which no key beats it skips selection entirely (after the first few
+tiles, most do). Otherwise the tile's top ``KT`` (``tl.topk``, bitonic) is merged in with one
+bitonic merge: the elementwise max of a descending and an ascending run holds the best ``KT`` of
+both. Keys carry exclusions and ties (see ``recjpq.topk_keys``), so stage 2 is a plain
+``torch.topk`` over ``num_splits * KT`` candidates per query: nothing of size B x N is stored.
+"""
+import triton
+import triton.language as tl
+
+from recjpq.kernels.pq_lookup import INTERPRETED, empty_key, excluded_mask, pack_keys, score_tile
+
+_CONFIGS = [triton.Config({"BLOCK_N": 64, "QB": 2})] if INTERPRETED else [
+    # few configs: each one compiles in seconds on the host, once per autotuning key
+    triton.Config({"BLOCK_N": 1024, "QB": 1}, num_warps=4),
+    triton.Config({"BLOCK_N": 2048, "QB": 1}, num_warps=8),
+    triton.Config({"BLOCK_N": 1024, "QB": 4}, num_warps=8),
+]
+
+
+@triton.constexpr_function
+def tile_size(block_n, kt):
+    """Items per tile: at least ``KT``, since ``tl.topk`` selects ``KT`` of them."""
+    return max(block_n, kt)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop query groups wider than the batch, and wide groups when the key buffers are large."""
+    args = {**named_args, **kwargs}
+    batch, kt = args["B_BUCKET"], args["KT"]
+    kept = [c for c in configs
+            if c.kwargs["QB"] <= batch and c.kwargs["QB"] * tile_size(c.kwargs["BLOCK_N"], kt) <= 4096]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "K", "B_BUCKET", "KT"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def pq_topk_kernel(S, codes_t, exclude_sorted, cand, B, N, E, num_splits, B_BUCKET,
+                   M: tl.constexpr, K: tl.constexpr, KT: tl.constexpr, EXCLUDE_STEPS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, QB: tl.constexpr):
+    TILE: tl.constexpr = tile_size(BLOCK_N, KT)
+    pid = tl.program_id(0)
+    groups = tl.cdiv(B, QB)
+    split = pid // groups
+    rows = (pid % groups) * QB + tl.arange(0, QB)
+    row_ok = rows < B
+    tiles = tl.cdiv(N, TILE)
+    per_split = tl.cdiv(tiles, num_splits)
+    first = split * per_split
+    last = tl.minimum(first + per_split, tiles)
+
+    empty = empty_key()
+    best = tl.full((QB, KT), empty, tl.int64)  # descending
+    for tile in range(first, last):
+        start = tile * TILE
+        items = start + tl.arange(0, TILE)
+        item_ok = items < N
+        scores = score_tile(S, codes_t, rows, row_ok, items, item_ok, N, M, K)
+        drop = ~(row_ok[:, None] & item_ok[None, :])
+        if EXCLUDE_STEPS > 0:
+            drop |= excluded_mask(exclude_sorted, rows, row_ok, E, start, items, EXCLUDE_STEPS)
+        keys = tl.where(drop, empty, pack_keys(scores, items))
+        threshold = tl.min(best, axis=1)
+        if tl.max((keys > threshold[:, None]).to(tl.int32)) > 0:
+            top = tl.topk(keys, KT, dim=1)
+            best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), descending=True)
+
+    offsets = (rows.to(tl.int64)[:, None] * num_splits + split) * KT + tl.arange(0, KT)[None, :]
+    tl.store(cand + offsets, best, mask=row_ok[:, None])
