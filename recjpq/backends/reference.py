@@ -58,3 +58,31 @@ def pq_topk(S, codes, k, exclude=None, algorithm="auto"):
         cand = keys if best is None else torch.cat([best, keys], dim=1)
         best = torch.topk(cand, min(k, cand.shape[1]), dim=1).values
     return unpack_keys(best)
+
+
+def pq_cross_entropy_forward(S: torch.Tensor, codes: torch.Tensor, scale: float) -> torch.Tensor:
+    """``lse[b] = log sum_i exp(scale * score[b, i])``, merged chunk by chunk (S's dtype)."""
+    batch, n = S.shape[0], codes.shape[0]
+    step = _chunk_size(batch, n, 1)
+    lse = S.new_full((batch,), float("-inf"))
+    for start in range(0, n, step):
+        chunk_lse = torch.logsumexp(_chunk_scores(S, codes[start:start + step]) * scale, dim=1)
+        lse = torch.logaddexp(lse, chunk_lse)
+    return lse
+
+
+def pq_cross_entropy_backward(S: torch.Tensor, codes: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+    """The gradient of ``sum_b grad_lse[b] * lse[b]`` with respect to S: each item's softmax
+    probability, recomputed chunk by chunk, added to the sub-ids it is made of."""
+    batch, n = S.shape[0], codes.shape[0]
+    step = _chunk_size(batch, n, 1)
+    weight = (grad_lse * scale).unsqueeze(1)
+    dS = torch.zeros_like(S)
+    for start in range(0, n, step):
+        chunk = codes[start:start + step]
+        grads = torch.exp(_chunk_scores(S, chunk) * scale - lse.unsqueeze(1)) * weight
+        idx = chunk.long()
+        for m in range(S.shape[1]):
+            dS[:, m].index_add_(1, idx[:, m], grads)
+    return dS
