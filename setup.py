@@ -48,7 +48,9 @@ def extensions():
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
             exts.append(CUDAExtension(
                 "recjpq._C_cuda", cuda_sources,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *gencode]}))
+                # -lineinfo: compute-sanitizer (bench/cuda_checks.sh) reports source lines
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                    "nvcc": ["-O3", "-std=c++17", "-lineinfo", *gencode]}))
     return exts
 
 
@@ -58,14 +60,18 @@ setup(
     description="Fused product-quantised scoring and top-k for sequential recommenders over huge catalogues",
     packages=find_packages(include=["recjpq", "recjpq.*"]) + ["recjpq.kernels"],
     package_dir={"recjpq.kernels": "kernels"},
+    package_data={"recjpq.backends": ["gpu_dispatch.json"]},  # the measured triton/cuda dispatch table
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "scipy"],
+    install_requires=["torch>=2.4", "numpy", "scipy", "tqdm"],
     extras_require={
         "triton": ["triton"],
         "faiss": ["faiss-cpu"],
+        "demo": ["matplotlib"],
+        "serve": ["fastapi", "uvicorn", "httpx"],
         "test": ["pytest", "hypothesis", "pytest-benchmark", "faiss-cpu", "triton"],
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["recjpq=recjpq.cli:main"]},
     zip_safe=False,
 )

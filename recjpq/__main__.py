@@ -1,0 +1,3 @@
+from recjpq.cli import main
+
+main()

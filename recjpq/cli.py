@@ -1,0 +1,187 @@
+"""The ``recjpq`` command: train, evaluate, recommend, serve, demo. Run ``recjpq <command> -h``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+
+import numpy as np
+import torch
+
+from recjpq.training import TrainConfig
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    from recjpq.data import FORMATS
+
+    p.add_argument("--data", required=True, help="interaction file: 'user item [item ...]' text, or csv/tsv "
+                                                 "with user,item,timestamp[,rating] header")
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--min-rating", type=float, default=None, help="csv/tsv: keep rows rated at least this")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from recjpq.models import EMBEDDINGS, LOSSES, MODELS
+
+    parser = argparse.ArgumentParser(prog="recjpq", description=__doc__)
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (1 is fastest on a busy machine)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = TrainConfig()
+
+    train = sub.add_parser("train", help="train on a leave-one-out split; writes model.pt and metrics.json")
+    _add_data_args(train)
+    train.add_argument("--model", default=d.model, choices=tuple(MODELS))
+    train.add_argument("--embedding", default=d.embedding, choices=EMBEDDINGS)
+    train.add_argument("--codes", default=d.codes, help="code strategy, any of recjpq.codes.STRATEGIES")
+    train.add_argument("--splits", type=_positive_int, default=d.splits, help="M, sub-ids per item")
+    train.add_argument("--num-codes", type=_positive_int, default=d.num_codes, help="K, sub-ids per split")
+    train.add_argument("--dim", type=_positive_int, default=d.dim)
+    train.add_argument("--layers", dest="num_layers", type=_positive_int, default=None)
+    train.add_argument("--heads", dest="num_heads", type=_positive_int, default=None)
+    train.add_argument("--dropout", type=float, default=d.dropout)
+    train.add_argument("--max-len", type=_positive_int, default=d.max_len)
+    train.add_argument("--loss", default=d.loss, choices=LOSSES)
+    train.add_argument("--negatives", type=_positive_int, default=d.negatives, help="bce/gbce negatives")
+    train.add_argument("--gbce-t", type=float, default=d.gbce_t)
+    train.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    train.add_argument("--lr", type=float, default=d.lr)
+    train.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    train.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    train.add_argument("--patience", type=_positive_int, default=d.patience)
+    train.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
+    train.add_argument("--valid-users", type=_positive_int, default=None, help="validate on the first N users")
+    train.add_argument("--exclude-seen", action="store_true", help="rank only items not in the history")
+    train.add_argument("--max-steps", type=_positive_int, default=None)
+    train.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
+    train.add_argument("--seed", type=int, default=d.seed)
+    train.add_argument("--device", default=d.device)
+    train.add_argument("--backend", default=None, help="recjpq backend for RecJPQ scoring (default: fastest)")
+    train.add_argument("--out", required=True, help="output directory")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
+
+    ev = sub.add_parser("evaluate", help="full-ranking test metrics of a checkpoint on a dataset")
+    ev.add_argument("checkpoint")
+    _add_data_args(ev)
+    ev.add_argument("-k", nargs="+", type=_positive_int, default=[10])
+    ev.add_argument("--exclude-seen", action="store_true")
+
+    rec = sub.add_parser("recommend", help="top-k next items for one history")
+    rec.add_argument("checkpoint")
+    rec.add_argument("--history", required=True, help="comma-separated raw item ids, oldest first")
+    rec.add_argument("-k", type=_positive_int, default=10)
+    rec.add_argument("--include-seen", action="store_true", help="allow items already in the history")
+
+    srv = sub.add_parser("serve", help="HTTP inference server with dynamic micro-batching (needs recjpq[serve])")
+    srv.add_argument("checkpoint")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=_positive_int, default=64, help="most queries per model forward")
+    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for batch-mates")
+    srv.add_argument("--no-batching", dest="batching", action="store_false", help="run every request alone")
+    srv.add_argument("--max-k", type=_positive_int, default=1000)
+    srv.add_argument("--max-users", type=_positive_int, default=1024, help="most histories per batch request")
+    srv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
+    srv.add_argument("--backend", default=None, help="pq_topk backend (default: the fastest available)")
+    srv.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get on exit")
+    srv.add_argument("--log-level", default="info")
+
+    demo = sub.add_parser("demo", help="synthetic data -> dense vs RecJPQ SASRec: quality and latency table + plot")
+    demo.add_argument("--out", default="demo_out", help="where the plot, table and checkpoints go")
+    demo.add_argument("--quick", action="store_true", help="a tiny run (seconds), for smoke tests")
+    return parser
+
+
+def _train(args) -> None:
+    from recjpq.checkpoint import save_checkpoint
+    from recjpq.data import load_interactions
+    from recjpq.training import fit
+
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    config.validate()
+    data = load_interactions(args.data, args.format, min_rating=args.min_rating)
+    print(f"{args.data}: {len(data.sequences)} users, {data.num_items} items, {data.num_interactions} interactions",
+          file=sys.stderr)
+    result = fit(data, config, progress=not args.no_progress, log_epochs=True)
+    os.makedirs(args.out, exist_ok=True)
+    summary = {**result.summary(), "data": os.path.abspath(args.data)}
+    save_checkpoint(os.path.join(args.out, "model.pt"), result.model,
+                    {"item_ids": data.item_ids, "metrics": {k: v for k, v in summary.items() if k != "history"}})
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: summary[k] for k in ("ndcg@10", "recall@10", "item_embedding_params", "train_seconds")}))
+
+
+def _evaluate(args) -> None:
+    from recjpq.checkpoint import load_checkpoint
+    from recjpq.data import leave_one_out, load_interactions
+    from recjpq.evaluation import evaluate
+
+    model, meta = load_checkpoint(args.checkpoint)
+    data = load_interactions(args.data, args.format, min_rating=args.min_rating)
+    # express the data in the checkpoint's item ids; items it never saw cannot be ranked
+    index = {raw: pos + 1 for pos, raw in enumerate(meta["item_ids"])}
+    sequences = [np.asarray([index.get(data.item_ids[i - 1], 0) for i in seq], dtype=np.int64)
+                 for seq in data.sequences]
+    unknown = sum(int((s == 0).sum()) for s in sequences)
+    if unknown:
+        print(f"warning: {unknown} interactions with items unknown to the checkpoint are dropped", file=sys.stderr)
+    sequences = [s[s > 0] for s in sequences]
+    split = leave_one_out(sequences)
+    metrics = evaluate(model, split.test, ks=args.k, exclude_seen=args.exclude_seen)
+    print(json.dumps(metrics))
+
+
+def _recommend(args) -> None:
+    from recjpq.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(args.checkpoint)
+    raw_ids = meta["item_ids"]
+    index = {raw: pos + 1 for pos, raw in enumerate(raw_ids)}
+    history = [h.strip() for h in args.history.split(",") if h.strip()]
+    unknown = [h for h in history if h not in index]
+    if unknown:
+        raise SystemExit(f"recjpq recommend: error: unknown item ids {unknown} (not in the checkpoint's catalogue)")
+    scores, items = model.recommend([[index[h] for h in history]], args.k, exclude_seen=not args.include_seen)
+    for rank, (item, score) in enumerate(zip(items[0].tolist(), scores[0].tolist()), 1):
+        if item > 0:
+            print(f"{rank}\t{raw_ids[item - 1]}\t{score:.4f}")
+
+
+def _serve(args) -> None:
+    try:
+        from recjpq.serve import serve
+    except ImportError as e:
+        raise SystemExit(f"recjpq serve needs the serve extra (pip install 'recjpq[serve]'): {e}") from None
+    serve(args.checkpoint, host=args.host, port=args.port, backend=args.backend, max_k=args.max_k,
+          graceful_timeout_s=args.graceful_timeout, log_level=args.log_level, max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms, batching=args.batching, max_body_bytes=args.max_body_bytes,
+          max_users=args.max_users)
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.command == "demo":
+        from recjpq.demo import run_demo
+
+        run_demo(args.out, quick=args.quick)
+        return
+    try:
+        {"train": _train, "evaluate": _evaluate, "recommend": _recommend, "serve": _serve}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"recjpq {args.command}: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Loaders, leave-one-out split, padding and the synthetic generator."""
+import os
+
+import numpy as np
+import pytest
+
+from recjpq.data import (DataFormatError, generate_sequences, leave_one_out, load_interactions, pad_left,
+                         train_interactions)
+
+ML1M = "/work/shared/data/ml-1m/ml-1m.txt"
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_text_pairs_and_sequence_lines_agree(tmp_path):
+    pairs = _write(tmp_path, "pairs.txt", "7 30\n7 10\n5 20\n7 20\n5 30\n")
+    lines = _write(tmp_path, "lines.txt", "7 30 10 20\n5 20 30\n")
+    a, b = load_interactions(pairs), load_interactions(lines)
+    assert a.item_ids == b.item_ids == ["10", "20", "30"]  # numeric order, ids 1..3
+    assert a.user_ids == b.user_ids == ["7", "5"]  # first-seen order
+    for x, y in zip(a.sequences, b.sequences):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(a.sequences[0], [3, 1, 2])
+    assert a.num_interactions == 5
+
+
+def test_text_row_without_item_names_line(tmp_path):
+    path = _write(tmp_path, "bad.txt", "1 2\n1 3\n\n2\n")
+    with pytest.raises(DataFormatError, match=r"line 4: .*no item"):
+        load_interactions(path)
+
+
+def test_csv_sorted_by_time_with_aliases_and_rating_filter(tmp_path):
+    path = _write(tmp_path, "r.csv", "userId,movieId,rating,timestamp\n"
+                                     "u1,b,5,300\nu1,a,4,100\nu2,c,1,50\nu1,c,2,200\nu2,a,5,60\n")
+    data = load_interactions(path)
+    assert data.item_ids == ["a", "b", "c"]
+    assert [list(s) for s in data.sequences] == [[1, 3, 2], [3, 1]]
+    kept = load_interactions(path, min_rating=4)
+    assert [[kept.item_ids[i - 1] for i in s] for s in kept.sequences] == [["a", "b"], ["a"]]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("user,item\n1,2\n", "no 'timestamp' column"),
+    ("user,item,timestamp\n1,2,10\n1,3\n", r"line 3: expected 3 fields"),
+    ("user,item,timestamp\n1,2,yesterday\n", r"line 2: timestamp 'yesterday' is not a number"),
+    ("user,item,timestamp\n1,,5\n", r"line 2: empty user or item"),
+    ("", "empty"),
+])
+def test_csv_malformed_rows(tmp_path, text, match):
+    with pytest.raises(DataFormatError, match=match):
+        load_interactions(_write(tmp_path, "bad.csv", text))
+
+
+def test_tsv_and_missing_file(tmp_path):
+    data = load_interactions(_write(tmp_path, "r.tsv", "user\titem\ttime\n1\t9\t2\n1\t8\t1\n"))
+    assert [data.item_ids[i - 1] for i in data.sequences[0]] == ["8", "9"]
+    with pytest.raises(FileNotFoundError):
+        load_interactions(tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match="format"):
+        load_interactions(tmp_path / "r.tsv", format="parquet")
+
+
+def test_leave_one_out():
+    seqs = [np.array([1, 2, 3, 4]), np.array([5, 6]), np.array([7, 8, 9])]
+    split = leave_one_out(seqs)
+    assert [list(s) for s in split.train] == [[1, 2], [5, 6], [7]]
+    assert list(split.valid.targets) == [3, 8] and list(split.test.targets) == [4, 9]
+    assert [list(h) for h in split.test.histories] == [[1, 2, 3], [7, 8]]
+    assert [list(h) for h in split.valid.histories] == [[1, 2], [7]]
+    users, items = train_interactions(split.train)
+    assert list(users) == [0, 0, 1, 1, 2] and list(items) == [1, 2, 5, 6, 7]
+
+
+def test_pad_left_keeps_the_newest_items():
+    out = pad_left([np.array([1, 2, 3, 4, 5]), np.array([9]), np.array([], dtype=np.int64)], 3)
+    assert out.tolist() == [[3, 4, 5], [0, 0, 9], [0, 0, 0]]
+
+
+def test_synthetic_is_deterministic_and_sequential():
+    a = generate_sequences(200, 500, num_clusters=5, mean_length=20, seed=3)
+    b = generate_sequences(200, 500, num_clusters=5, mean_length=20, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a.sequences, b.sequences))
+    items = np.concatenate(a.sequences)
+    assert items.min() >= 1 and items.max() <= 500 and a.num_items == 500
+    assert min(len(s) for s in a.sequences) >= 5
+    # Markov structure: the most frequent successor of an item follows it far more often than chance
+    nxt = {}
+    for s in a.sequences:
+        for x, y in zip(s[:-1], s[1:]):
+            nxt.setdefault(x, []).append(y)
+    top_share = np.mean([np.bincount(v).max() / len(v) for v in nxt.values() if len(v) >= 10])
+    assert top_share > 0.2
+    with pytest.raises(ValueError, match="num_clusters"):
+        generate_sequences(10, 5, num_clusters=6)
+
+
+@pytest.mark.skipif(not os.path.isfile(ML1M), reason=f"dataset not present: {ML1M}")
+def test_ml1m_counts():
+    data = load_interactions(ML1M)
+    assert (len(data.sequences), data.num_items, data.num_interactions) == (6040, 3416, 999611)
