@@ -1,35 +1,33 @@
-"""Per-codes-tensor facts computed once: the largest code, and backend-prepared layouts.
+"""Per-codes-tensor facts computed once: the code range, and backend-prepared layouts.
 
-Scanning N x M codes to check their range costs as much as a B=1 top-k, so it is cached
-against the tensor's storage, shape and in-place version counter; an in-place edit of the
-codes invalidates the entry.
+Scanning N x M codes to check their range costs as much as a B=1 top-k, and backends prepare
+layouts (blocked codes, inverted indexes) worth keeping, so both are cached against the
+tensor's storage, shape and in-place version counter; an in-place edit invalidates them.
 """
 from __future__ import annotations
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+_MAX_VIEWS = 8  # cached views of one tensor; more distinct slices than this evict the oldest
+
 
 class CodesInfo:
     def __init__(self, codes: torch.Tensor):
-        self._key = _key(codes)
-        self._max_code: int | None = None
-        self._min_code: int | None = None
+        self.min_code = int(codes.min())
+        self.max_code = int(codes.max())
         self.prepared: dict = {}  # backend name -> prepared layout (e.g. blocked codes, inverted index)
 
     def check_range(self, num_codes: int) -> None:
-        if self._max_code is None:
-            raise RuntimeError("CodesInfo used before its tensor was scanned")
-        if self._min_code < 0 or self._max_code >= num_codes:
+        if self.min_code < 0 or self.max_code >= num_codes:
             raise ValueError(f"codes must lie in [0, K={num_codes}), got values in "
-                             f"[{self._min_code}, {self._max_code}]")
-
-    def _scan(self, codes: torch.Tensor) -> None:
-        self._min_code = int(codes.min())
-        self._max_code = int(codes.max())
+                             f"[{self.min_code}, {self.max_code}]")
 
 
-_CACHE = WeakIdKeyDictionary()  # tensors compare elementwise, so key on identity
+# owner tensor -> {view key: CodesInfo}. Keyed on identity (tensors compare elementwise); a view
+# such as ``emb.codes[1:]``, made anew on every call, is filed under the tensor it views, so a
+# slice taken at each training step is still prepared once.
+_CACHE = WeakIdKeyDictionary()
 
 
 def _key(codes: torch.Tensor):
@@ -38,9 +36,15 @@ def _key(codes: torch.Tensor):
 
 def codes_info(codes: torch.Tensor) -> CodesInfo:
     """The cached facts for ``codes``, recomputed if the tensor changed since."""
-    info = _CACHE.get(codes)
-    if info is None or info._key != _key(codes):
-        info = CodesInfo(codes)
-        info._scan(codes)
-        _CACHE[codes] = info
+    owner = codes if codes._base is None else codes._base
+    entries = _CACHE.get(owner, {})
+    key = _key(codes)
+    info = entries.get(key)
+    if info is None:
+        # views share the owner's version counter: drop what an in-place edit made stale
+        entries = {k: v for k, v in entries.items() if k[-1] == codes._version}
+        while len(entries) >= _MAX_VIEWS:
+            entries.pop(next(iter(entries)))
+        info = entries[key] = CodesInfo(codes)
+        _CACHE[owner] = entries
     return info

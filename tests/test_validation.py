@@ -115,3 +115,18 @@ def test_pq_embedding_rejects_out_of_range_ids():
         emb.score(torch.randn(2, 12), torch.tensor([-1]))
     with pytest.raises(ValueError, match="seq_emb must end in dim=12"):
         emb.topk(torch.randn(2, 8), 3)
+
+
+def test_views_of_one_codes_tensor_share_their_cache_entry():
+    from recjpq._codes_cache import codes_info
+
+    codes = torch.randint(0, 16, (50, 3), dtype=torch.uint8)
+    assert codes_info(codes[1:]) is codes_info(codes[1:])  # a fresh view object each time
+    assert codes_info(codes[1:]) is not codes_info(codes[2:])
+    assert codes_info(codes[1:]).max_code == int(codes[1:].max())
+    codes[1:].fill_(3)  # an in-place edit through another view invalidates every entry
+    assert codes_info(codes[1:]).max_code == 3
+    S = torch.randn(2, 3, 16)
+    codes[:, 0] = 40
+    with pytest.raises(ValueError, match=r"got values in \[3, 40\]"):
+        ops.pq_topk(S, codes[1:], 3)
