@@ -58,16 +58,9 @@ def recjpq_topk(cat: Catalogue, queries: torch.Tensor, k: int, backend: str | No
 
 def faiss_index_pq(cat: Catalogue):
     """A FAISS ``IndexPQ`` over the same codes and centroids (needs K = 256 and faiss installed)."""
-    import faiss  # optional dependency
+    from recjpq.interop import to_faiss
 
-    if cat.num_codes != 256:
-        raise ValueError("the FAISS peer needs K=256 (8-bit codes)")
-    m, _, dsub = cat.centroids.shape
-    index = faiss.IndexPQ(m * dsub, m, 8, faiss.METRIC_INNER_PRODUCT)
-    faiss.copy_array_to_vector(cat.centroids.reshape(-1).numpy(), index.pq.centroids)
-    index.is_trained = True
-    index.add_sa_codes(cat.codes.contiguous().numpy())
-    return index
+    return to_faiss((cat.codes, cat.centroids))
 
 
 def faiss_topk(index, queries: torch.Tensor, k: int):

@@ -44,6 +44,29 @@ class PQEmbedding(nn.Module):
         self.subitem_embeddings = nn.Parameter(torch.empty(num_splits, num_codes, dim // num_splits))
         self.reset_parameters()
 
+    @classmethod
+    def from_dense(cls, embedding: nn.Embedding | torch.Tensor, num_splits: int, num_codes: int = 256,
+                   **quantize_kwargs) -> "PQEmbedding":
+        """Product-quantise a trained ``nn.Embedding`` (or ``[N, d]`` weight) into a PQEmbedding
+        with the same ids, padding row and device (``recjpq.convert.quantize`` does the math;
+        ``quantize_kwargs`` go to it). With ``rotate=True`` the result is a
+        ``recjpq.convert.RotatedPQEmbedding``."""
+        from recjpq.convert import RotatedPQEmbedding, quantize
+
+        weight = embedding.weight if isinstance(embedding, nn.Embedding) else embedding
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"embedding must be an nn.Embedding or a tensor, got {type(embedding).__name__}")
+        padding_idx = embedding.padding_idx if isinstance(embedding, nn.Embedding) else None
+        out = quantize(weight, num_splits, num_codes, padding_idx=padding_idx, **quantize_kwargs)
+        codes, centroids = out[0], out[1]
+        if len(out) == 3:
+            module = RotatedPQEmbedding(codes, weight.shape[1], num_codes, padding_idx, rotation=out[2])
+        else:
+            module = cls(codes, weight.shape[1], num_codes, padding_idx)
+        with torch.no_grad():
+            module.subitem_embeddings.copy_(centroids)
+        return module.to(device=weight.device, dtype=weight.dtype)
+
     def reset_parameters(self) -> None:
         # N(0, 1) per sub-item, so each concatenated item embedding matches nn.Embedding's init
         nn.init.normal_(self.subitem_embeddings)

@@ -1,0 +1,145 @@
+"""Swap a trained model's dense item table and full-catalogue scoring for PQ, in place.
+
+``patch_item_scoring(model, num_splits)`` quantises the model's ``nn.Embedding`` item table
+(``PQEmbedding.from_dense``), puts the ``PQEmbedding`` in its place (lookups keep working, same
+ids, same padding row) and rebinds the scoring methods so they go through ``recjpq.ops`` instead
+of ``seq_emb @ item_emb.weight.T``. Three shapes of model code are recognised:
+
+- ``"recjpq"``: our own ``recjpq.models`` (``item_embedding``; their scorer dispatches on the
+  embedding type, so swapping the table is enough);
+- ``"recbole"``: RecBole-style ``item_embedding`` + ``forward(item_seq, item_seq_len)`` +
+  ``full_sort_predict(interaction)`` reading ``interaction[model.ITEM_SEQ]`` and
+  ``interaction[model.ITEM_SEQ_LEN]``; ``full_sort_predict`` becomes ``score_all`` and a
+  ``full_sort_topk(interaction, k)`` is added;
+- ``"sasrec.pytorch"``: pmixer-style ``item_emb`` + ``log2feats(log_seqs)`` +
+  ``predict(user_ids, log_seqs, item_indices)``; ``predict`` scores the candidates from codes and
+  a ``predict_topk(user_ids, log_seqs, k, exclude=None)`` is added.
+
+Anything else is refused with a ``ValueError`` that says what was missing, before the model is
+touched. Training code that reads ``.weight`` (e.g. a RecBole CE loss) still works: it decodes
+the table, and gradients reach the sub-item embeddings.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+
+import torch
+from torch import nn
+
+from recjpq.nn.pq_embedding import PQEmbedding
+
+STYLES = ("recjpq", "recbole", "sasrec.pytorch")
+
+
+def _is_recjpq_model(model: nn.Module) -> bool:
+    from recjpq.models.base import SequentialRecommender
+
+    return isinstance(model, SequentialRecommender)
+
+
+def detect_style(model: nn.Module) -> str:
+    """Which of ``STYLES`` the model's code follows; ``ValueError`` naming what is missing if none."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if _is_recjpq_model(model):
+        return "recjpq"
+    if hasattr(model, "item_embedding") and callable(getattr(model, "full_sort_predict", None)):
+        missing = [a for a in ("ITEM_SEQ", "ITEM_SEQ_LEN") if not hasattr(model, a)]
+        if missing:
+            raise ValueError(f"{type(model).__name__} looks RecBole-style (item_embedding + full_sort_predict) but "
+                             f"has no {' / '.join(missing)} attribute naming the interaction fields, so its "
+                             "sequence encoder cannot be called; patch its scoring by hand with "
+                             "PQEmbedding.from_dense + PQEmbedding.score_all/topk")
+        return "recbole"
+    if hasattr(model, "item_emb") and callable(getattr(model, "predict", None)):
+        if not callable(getattr(model, "log2feats", None)):
+            raise ValueError(f"{type(model).__name__} looks SASRec.pytorch-style (item_emb + predict) but has no "
+                             "log2feats(log_seqs) to compute the sequence states; patch it by hand with "
+                             "PQEmbedding.from_dense + PQEmbedding.score/topk")
+        return "sasrec.pytorch"
+    raise ValueError(f"cannot patch {type(model).__name__}: expected one of {STYLES}: a recjpq.models model, a "
+                     "RecBole-style model (item_embedding, forward(item_seq, item_seq_len), full_sort_predict, "
+                     "ITEM_SEQ, ITEM_SEQ_LEN) or a SASRec.pytorch-style model (item_emb, log2feats, predict)")
+
+
+def _table_attr(style: str) -> str:
+    return "item_emb" if style == "sasrec.pytorch" else "item_embedding"
+
+
+def _check_table(model: nn.Module, attr: str) -> nn.Embedding:
+    table = getattr(model, attr)
+    if isinstance(table, PQEmbedding):
+        raise ValueError(f"{type(model).__name__}.{attr} is already a PQEmbedding")
+    if type(table) is not nn.Embedding:
+        raise ValueError(f"{type(model).__name__}.{attr} must be a plain nn.Embedding to be quantised, "
+                         f"got {type(table).__name__}")
+    if table.max_norm is not None or table.sparse:
+        raise ValueError(f"{type(model).__name__}.{attr} uses max_norm/sparse gradients, which PQEmbedding "
+                         "does not reproduce")
+    for name, module in model.named_modules():  # an untied output layer would keep scoring densely
+        if module is not table and isinstance(module, (nn.Embedding, nn.Linear)) and \
+                getattr(module, "weight", None) is not None and module.weight.shape == table.weight.shape:
+            raise ValueError(f"{type(model).__name__} has a second item-sized table '{name}' (untied output "
+                             f"embedding?); only models that score with {attr} itself can be patched")
+    return table
+
+
+def _recbole_full_sort_predict(self, interaction):
+    seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+    return self.item_embedding.score_all(seq_output)
+
+
+def _recbole_full_sort_topk(self, interaction, k: int, exclude: torch.Tensor | None = None):
+    """The k best items ``(scores [B, k], ids [B, k])`` via the fused ``recjpq.ops.pq_topk``."""
+    seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+    return self.item_embedding.topk(seq_output, k, exclude)
+
+
+def _final_state(model, log_seqs) -> torch.Tensor:
+    return model.log2feats(log_seqs)[:, -1, :]
+
+
+def _as_ids(ids, device) -> torch.Tensor:
+    return torch.as_tensor(ids, device=device).long()
+
+
+def _sasrec_predict(self, user_ids, log_seqs, item_indices):
+    del user_ids  # unused by SASRec, kept for the signature
+    state = _final_state(self, log_seqs)
+    return self.item_emb.score(state, _as_ids(item_indices, state.device))
+
+
+def _sasrec_predict_topk(self, user_ids, log_seqs, k: int, exclude=None):
+    """The k best items over the whole catalogue ``(scores [B, k], ids [B, k])`` (padding never
+    returned); ``exclude`` int64 ``[B, E]``, -1 = none."""
+    del user_ids
+    state = _final_state(self, log_seqs)
+    return self.item_emb.topk(state, k, None if exclude is None else _as_ids(exclude, state.device))
+
+
+def patch_item_scoring(model: nn.Module, num_splits: int, num_codes: int = 256, **quantize_kwargs) -> PQEmbedding:
+    """Quantise ``model``'s item table and route its full-catalogue scoring through PQ, in place.
+
+    ``quantize_kwargs`` go to ``recjpq.convert.quantize`` (method, rotate, iters, seed, progress...).
+    Returns the installed ``PQEmbedding`` (its ``subitem_embeddings`` are what
+    ``recjpq.convert.finetune`` trains). Raises ``ValueError`` for a model it cannot patch.
+    """
+    style = detect_style(model)
+    attr = _table_attr(style)
+    if style == "recbole":
+        params = inspect.signature(model.forward).parameters
+        if len(params) < 2:
+            raise ValueError(f"{type(model).__name__}.forward must take (item_seq, item_seq_len), got "
+                             f"({', '.join(params)})")
+    pq = PQEmbedding.from_dense(_check_table(model, attr), num_splits, num_codes, **quantize_kwargs)
+    setattr(model, attr, pq)
+    if style == "recjpq":
+        model.config.update(item_embedding="recjpq", num_codes=num_codes)
+    elif style == "recbole":
+        model.full_sort_predict = types.MethodType(_recbole_full_sort_predict, model)
+        model.full_sort_topk = types.MethodType(_recbole_full_sort_topk, model)
+    else:
+        model.predict = types.MethodType(_sasrec_predict, model)
+        model.predict_topk = types.MethodType(_sasrec_predict_topk, model)
+    return pq

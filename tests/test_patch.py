@@ -1,0 +1,219 @@
+"""recjpq.patch: the patched model ranks exactly as PQ scores computed by hand, for the three
+supported shapes of model code; what it cannot patch is refused before anything changes.
+
+The two stand-ins below are our own minimal models written from the API shapes described in
+docs (pmixer SASRec.pytorch: ``item_emb`` + ``log2feats`` + ``predict``; RecBole:
+``item_embedding`` + ``forward(item_seq, item_seq_len)`` + ``full_sort_predict``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from recjpq.models import SASRec
+from recjpq.nn import PQEmbedding
+from recjpq.patch import detect_style, patch_item_scoring
+
+NUM_ITEMS, DIM, MAX_LEN = 150, 16, 12
+
+
+class SASRecPytorchStyle(nn.Module):
+    """Item ids 1..N, 0 = padding; numpy sequences in, like the original's training loop."""
+
+    def __init__(self, item_num: int, hidden: int, max_len: int):
+        super().__init__()
+        self.item_emb = nn.Embedding(item_num + 1, hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, hidden)
+        self.mix = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden)
+
+    def log2feats(self, log_seqs):
+        seqs = torch.as_tensor(np.asarray(log_seqs)).long()
+        x = self.item_emb(seqs) * self.item_emb.embedding_dim ** 0.5 + self.pos_emb.weight[: seqs.shape[1]]
+        x = x * (seqs != 0).unsqueeze(-1)
+        return self.norm(torch.tanh(self.mix(x)).cumsum(1))
+
+    def predict(self, user_ids, log_seqs, item_indices):
+        final = self.log2feats(log_seqs)[:, -1, :]
+        item_embs = self.item_emb(torch.as_tensor(np.asarray(item_indices)).long())
+        return item_embs.matmul(final.unsqueeze(-1)).squeeze(-1)
+
+
+class RecBoleStyle(nn.Module):
+    ITEM_SEQ = "item_id_list"
+    ITEM_SEQ_LEN = "item_length"
+
+    def __init__(self, n_items: int, hidden: int):
+        super().__init__()
+        self.item_embedding = nn.Embedding(n_items, hidden, padding_idx=0)
+        self.encoder = nn.GRU(hidden, hidden, batch_first=True)
+
+    def forward(self, item_seq, item_seq_len):
+        out, _ = self.encoder(self.item_embedding(item_seq))
+        return out[torch.arange(len(item_seq)), item_seq_len - 1]
+
+    def calculate_loss(self, interaction):
+        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        logits = torch.matmul(seq_output, self.item_embedding.weight.transpose(0, 1))
+        return nn.functional.cross_entropy(logits, interaction["pos_item_id"])
+
+    def full_sort_predict(self, interaction):
+        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return torch.matmul(seq_output, self.item_embedding.weight.transpose(0, 1))
+
+
+def histories(batch=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(1, NUM_ITEMS + 1, (batch, MAX_LEN), generator=g)
+    lengths = torch.randint(2, MAX_LEN + 1, (batch,), generator=g)
+    seqs[torch.arange(MAX_LEN) >= lengths[:, None]] = 0  # right-padded (RecBole) ...
+    return seqs, lengths
+
+
+def scores_by_hand(pq: PQEmbedding, state: torch.Tensor) -> torch.Tensor:
+    """score[b, i] = sum_m <state_m, centroid[m, codes[i, m]]>, padding item scored 0."""
+    sub = state.view(len(state), pq.num_splits, -1)
+    table = torch.einsum("bmd,mkd->bmk", sub.double(), pq.subitem_embeddings.detach().double())
+    codes = pq.codes.long()
+    scores = sum(table[:, m, codes[:, m]] for m in range(pq.num_splits))
+    scores[:, pq.padding_idx] = 0
+    return scores
+
+
+def assert_same_ranking(values, ids, by_hand, k):
+    """Top-k equal to the by-hand scores (values exact to float32, every id really has its value)."""
+    masked = by_hand.clone()
+    masked[:, 0] = float("-inf")
+    assert torch.allclose(values.double(), masked.topk(k).values, atol=1e-4)
+    assert torch.allclose(torch.gather(masked, 1, ids), values.double(), atol=1e-4)
+    assert (ids != 0).all()
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_sasrec_pytorch_style(rotate):
+    torch.manual_seed(0)
+    model = SASRecPytorchStyle(NUM_ITEMS, DIM, MAX_LEN).eval()
+    seqs, _ = histories()
+    log_seqs = seqs.flip(1).numpy()  # left-padded, as the original feeds them
+    candidates = np.array([1, 5, 17, 99, NUM_ITEMS])
+    dense_scores = model.predict(None, log_seqs, candidates)
+    pq = patch_item_scoring(model, 4, 32, iters=5, rotate=rotate)
+    assert model.item_emb is pq and pq.padding_idx == 0
+    with torch.no_grad():
+        state = model.log2feats(log_seqs)[:, -1, :]
+        state_pq = state @ pq.rotation if rotate else state
+        by_hand = scores_by_hand(pq, state_pq)
+        assert torch.allclose(model.predict(None, log_seqs, candidates).double(), by_hand[:, candidates], atol=1e-4)
+        values, ids = model.predict_topk(None, log_seqs, 10)
+        assert_same_ranking(values, ids, by_hand, 10)
+        exclude = torch.as_tensor(log_seqs[:, -3:])
+        values, ids = model.predict_topk(None, log_seqs, 10, exclude=exclude)
+        by_hand.scatter_(1, exclude, float("-inf"))
+        assert_same_ranking(values, ids, by_hand, 10)
+    assert dense_scores.shape == (5, len(candidates))
+
+
+def test_recbole_style_full_sort_and_loss():
+    torch.manual_seed(1)
+    model = RecBoleStyle(NUM_ITEMS + 1, DIM).eval()
+    seqs, lengths = histories(batch=6, seed=1)
+    interaction = {RecBoleStyle.ITEM_SEQ: seqs, RecBoleStyle.ITEM_SEQ_LEN: lengths,
+                   "pos_item_id": torch.randint(1, NUM_ITEMS + 1, (6,))}
+    pq = patch_item_scoring(model, 8, 16, iters=5)
+    assert detect_style(RecBoleStyle(4, 8)) == "recbole"
+    with torch.no_grad():
+        by_hand = scores_by_hand(pq, model.forward(seqs, lengths))
+        full = model.full_sort_predict(interaction)
+        assert full.shape == (6, NUM_ITEMS + 1)
+        assert torch.allclose(full.double(), by_hand, atol=1e-4)
+        values, ids = model.full_sort_topk(interaction, 7)
+        assert_same_ranking(values, ids, by_hand, 7)
+    loss = model.calculate_loss(interaction)  # reads .weight: decoded, differentiable
+    loss.backward()
+    assert pq.subitem_embeddings.grad is not None and pq.subitem_embeddings.grad.abs().sum() > 0
+
+
+def test_our_dense_sasrec():
+    torch.manual_seed(2)
+    model = SASRec(NUM_ITEMS, DIM, item_embedding="dense", num_layers=1, max_len=MAX_LEN).eval()
+    history = [[3, 9, 27, 81], [1, 2], [150, 149, 148, 7, 7]]
+    pq = patch_item_scoring(model, 4, 64, iters=5)
+    assert model.item_embedding is pq and model.config["item_embedding"] == "recjpq"
+    assert model.scorer.is_pq
+    values, ids = model.recommend(history, k=10, exclude_seen=False)
+    from recjpq.data import pad_left
+    with torch.no_grad():
+        by_hand = scores_by_hand(pq, model.query(pad_left([np.array(h) for h in history], MAX_LEN)))
+    assert_same_ranking(values, ids, by_hand, 10)
+    values, ids = model.recommend(history, k=10)
+    for row, h in zip(ids.tolist(), history):
+        assert not set(row) & set(h)
+
+
+class Untied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.item_embedding = nn.Embedding(50, 8, padding_idx=0)
+        self.output = nn.Linear(8, 50, bias=False)
+        self.ITEM_SEQ, self.ITEM_SEQ_LEN = "s", "l"
+
+    def forward(self, item_seq, item_seq_len):
+        return self.item_embedding(item_seq)[:, -1]
+
+    def full_sort_predict(self, interaction):
+        return self.output(self.forward(interaction["s"], interaction["l"]))
+
+
+class NoFields(nn.Module):
+    """RecBole-like but without the ITEM_SEQ / ITEM_SEQ_LEN field names."""
+
+    def __init__(self):
+        super().__init__()
+        self.item_embedding = nn.Embedding(50, 8, padding_idx=0)
+
+    def full_sort_predict(self, interaction):
+        return interaction["seq_output"] @ self.item_embedding.weight.T
+
+
+class NoLog2Feats(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.item_emb = nn.Embedding(50, 8)
+
+    def predict(self, user_ids, log_seqs, item_indices):
+        return self.item_emb(item_indices)
+
+
+class MaxNorm(SASRecPytorchStyle):
+    def __init__(self):
+        super().__init__(40, 8, 4)
+        self.item_emb = nn.Embedding(41, 8, padding_idx=0, max_norm=1.0)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: nn.Linear(3, 3), "cannot patch Linear"),
+    (Untied, "second item-sized table 'output'"),
+    (NoFields, "ITEM_SEQ"),
+    (NoLog2Feats, "log2feats"),
+    (MaxNorm, "max_norm"),
+])
+def test_refuses_what_it_cannot_patch(make, match):
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        patch_item_scoring(model, 2, 16)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_refuses_twice_and_non_modules():
+    model = SASRecPytorchStyle(40, 8, 4)
+    patch_item_scoring(model, 2, 8, iters=2)
+    with pytest.raises(ValueError, match="already a PQEmbedding"):
+        patch_item_scoring(model, 2, 8)
+    with pytest.raises(TypeError, match="nn.Module"):
+        patch_item_scoring("model", 2)
+    with pytest.raises(ValueError, match="divisible"):
+        patch_item_scoring(SASRecPytorchStyle(40, 8, 4), 3)
