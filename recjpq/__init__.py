@@ -1,7 +1,7 @@
 """recjpq: product-quantised item catalogues for sequential recommendation.
 
-Public API: ``recjpq.ops`` (subitem_scores, pq_scores, pq_topk), ``recjpq.nn`` (PQEmbedding),
-``recjpq.codes`` (assign_codes).
+Public API: ``recjpq.ops`` (subitem_scores, pq_scores, pq_topk, pq_cross_entropy), ``recjpq.nn``
+(PQEmbedding, ClusterEmbedding), ``recjpq.codes`` (assign_codes, co_cluster).
 """
 from recjpq import codes, nn, ops
 from recjpq.backends import available as available_backends
