@@ -21,13 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.peers import machine  # noqa: E402
 
 VARIANTS = ("materialised", "fused")
 
@@ -135,19 +138,8 @@ def run_e2e(args) -> dict:
             "losses": losses}
 
 
-def _machine(device: str) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "load_average_at_start": os.getloadavg()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+def _machine() -> dict:
+    return {**machine(), "load_average_at_start": os.getloadavg()}
 
 
 def _fits_materialised(args) -> str | None:
@@ -182,7 +174,7 @@ def main():
         print(json.dumps(run_variant(args)))
         return
     if args.e2e:
-        result = {"machine": _machine(args.device)}
+        result = {"machine": _machine()}
         result["end_to_end"] = run_e2e(args)
         _report(result, args.out)
         return
@@ -191,7 +183,7 @@ def main():
     backend = backends.resolve(args.backend, torch.device(args.device), "pq_cross_entropy_forward")
     result = {"problem": {"items": args.items, "rows": args.rows, "splits": args.splits, "codes": args.codes,
                           "device": args.device, "backend": backend},
-              "machine": _machine(args.device), "runs": {}}
+              "machine": _machine(), "runs": {}}
     for variant in VARIANTS:
         skip = _fits_materialised(args) if variant == "materialised" else None
         if skip:
