@@ -150,8 +150,8 @@ def fit(data: SequenceData, config: TrainConfig, *, progress: bool = True,
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
-        bar = tqdm(list(batches(len(train), config.batch_size, rng)), desc=f"epoch {epoch}", disable=not progress,
-                   leave=False)
+        bar = tqdm(list(batches(len(train), config.batch_size, rng)), desc=f"epoch {epoch}",
+                   disable=None if progress else True, leave=False)  # None: no bar off a terminal (logs, CI)
         epoch_loss, seen, epoch_start, done = 0.0, 0, time.perf_counter(), False
         for idx in bar:
             loss = training_loss(model, pad_left([train[j] for j in idx], width).to(config.device), config, rng,
