@@ -4,7 +4,7 @@ interpreter on tiny shapes when there is no GPU; tests/conftest.py sets TRITON_I
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import recjpq
 from recjpq import ops
@@ -30,8 +30,10 @@ INTERPRETED = DEVICE == "cpu"  # the Triton interpreter is slow: keep its proble
 
 
 def materialised(S, codes, targets, *, temperature=1.0, **kwargs):
-    """The definition: B x N logits from ``pq_scores``, then ``F.cross_entropy``."""
-    return F.cross_entropy(ops.pq_scores(S, codes, backend="reference") / temperature, targets, **kwargs)
+    """The definition: materialised B x N logits (gathered in S's own dtype), then ``F.cross_entropy``."""
+    idx = codes.long()
+    logits = sum(S[:, m, idx[:, m]] for m in range(S.shape[1]))
+    return F.cross_entropy(logits / temperature, targets, **kwargs)
 
 
 def _problem(batch, n, m, k_codes, *, ignored=(), seed=0, dtype=None, float64=False):
@@ -54,7 +56,10 @@ def _loss_and_grad(fn, S):
 
 def assert_matches_materialised(S, codes, targets, backend, **kwargs):
     got = _loss_and_grad(lambda s: ops.pq_cross_entropy(s, codes, targets, backend=backend, **kwargs), S)
-    want = _loss_and_grad(lambda s: materialised(s, codes, targets, **kwargs), S)
+    # the definition evaluated in float64: float32 logits summed over hundreds of items carry more
+    # rounding than the bounds below, and the fused op (double accumulators) should meet them
+    exact = S.detach().double().requires_grad_()
+    want = tuple(t.to(S.dtype) for t in _loss_and_grad(lambda s: materialised(s, codes, targets, **kwargs), exact))
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     # a gradient entry is a difference of terms up to (row weight <= 1.5) / temperature (probability
     # mass minus the target's 1), so entries that cancel to ~0 are held to float32 rounding of those
@@ -160,6 +165,8 @@ def test_torch_compile_inductor_trains():
 @given(batch=st.integers(1, 6), n=st.integers(1, 300), m=st.integers(1, 5), k_codes=st.integers(1, 40),
        n_ignored=st.integers(0, 2), smoothing=st.sampled_from([0.0, 0.3]), temperature=st.sampled_from([1.0, 0.5]),
        seed=st.integers(0, 1000))
+# one sub-id shared by every item: its gradient is exactly 0, the sum of 277 probabilities minus 1
+@example(batch=1, n=277, m=1, k_codes=1, n_ignored=0, smoothing=0.0, temperature=1.0, seed=0)
 def test_fuzz_against_materialised(batch, n, m, k_codes, n_ignored, smoothing, temperature, seed):
     S, codes, targets = _problem(batch, n, m, k_codes, ignored=range(min(n_ignored, batch)), seed=seed)
     kwargs = {"label_smoothing": smoothing, "temperature": temperature, "reduction": "sum"}

@@ -78,11 +78,13 @@ def pq_cross_entropy_backward(S: torch.Tensor, codes: torch.Tensor, lse: torch.T
     batch, n = S.shape[0], codes.shape[0]
     step = _chunk_size(batch, n, 1)
     weight = (grad_lse * scale).unsqueeze(1)
-    dS = torch.zeros_like(S)
+    # a sub-id collects the probabilities of up to N items: sum them in float64, as the C++ kernel does,
+    # so the entries that cancel against the target's -1 keep float32 accuracy
+    dS = torch.zeros_like(S, dtype=torch.float64)
     for start in range(0, n, step):
         chunk = codes[start:start + step]
-        grads = torch.exp(_chunk_scores(S, chunk) * scale - lse.unsqueeze(1)) * weight
+        grads = (torch.exp(_chunk_scores(S, chunk) * scale - lse.unsqueeze(1)) * weight).double()
         idx = chunk.long()
         for m in range(S.shape[1]):
             dS[:, m].index_add_(1, idx[:, m], grads)
-    return dS
+    return dS.to(S.dtype)
