@@ -10,29 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.compare import median_ms  # noqa: E402
 from bench.peers import machine  # noqa: E402
 from recjpq import ops  # noqa: E402
 from recjpq.checkpoint import load_checkpoint  # noqa: E402
 from recjpq.data import leave_one_out, load_interactions, pad_left  # noqa: E402
-
-
-def median_ms(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None):
