@@ -177,6 +177,7 @@ class EmulatedKernels:
         P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self.lib.emulate_pq_topk_candidates.argtypes = [P, P, I, P, I64, I64, I, I, I64, I, I, I, I, P, P]
         self.lib.emulate_pq_scores.argtypes = [P, P, I, I64, I, I, I64, P, I, I]
+        self.lib.emulate_warp_append.argtypes = [P, P, I, P]
 
     @staticmethod
     def _ptr(t):
@@ -200,6 +201,13 @@ class EmulatedKernels:
                                             S.shape[1], S.shape[2], codes.shape[0], self._ptr(out),
                                             p.query_group, p.grid_x)
         return status, out
+
+    def warp_append(self, keys, passing):
+        """warp_append on one CTA, ``keys``/``passing`` of shape [rounds, THREADS]: (count, buffer)."""
+        keys, passing = keys.contiguous(), passing.to(torch.uint8).contiguous()
+        out = torch.full((keys.numel(),), EMPTY_KEY)
+        count = self.lib.emulate_warp_append(self._ptr(keys), self._ptr(passing), keys.shape[0], self._ptr(out))
+        return count, out
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +272,73 @@ def test_emulated_pq_topk_kernel_fuzz(emulated, batch, n, m, k, excluded, seed):
     values, indices = cuda.merge_candidates(cand, k)
     ref_values, ref_indices = reference.pq_topk(S, codes, k, exclude)
     assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
+
+
+WARP = 32
+
+
+@pytest.mark.parametrize("pattern", ["all", "none", "even_lanes", "last_lane", "random"])
+def test_emulated_warp_append_gives_each_warp_one_block_in_lane_order(emulated, pattern):
+    """One atomicAdd per warp: a warp's passing keys land contiguously, in lane order, and the
+    blocks of all warps and rounds tile [0, count) without gaps or overlaps."""
+    rounds = 3
+    lanes = torch.arange(rounds * cuda.THREADS) % WARP
+    passing = {"all": torch.ones_like(lanes, dtype=torch.bool), "none": torch.zeros_like(lanes, dtype=torch.bool),
+               "even_lanes": lanes % 2 == 0, "last_lane": lanes == WARP - 1,
+               "random": torch.rand(lanes.shape, generator=torch.Generator().manual_seed(1)) < 0.3}[pattern]
+    keys = torch.randperm(rounds * cuda.THREADS, generator=torch.Generator().manual_seed(2)) + 7
+    count, out = emulated.warp_append(keys.view(rounds, -1), passing.view(rounds, -1))
+    assert count == int(passing.sum()) and (out[count:] == EMPTY_KEY).all()
+    slot = {key: j for j, key in enumerate(out[:count].tolist())}
+    assert len(slot) == count
+    for warp_keys, warp_passing in zip(keys.view(-1, WARP), passing.view(-1, WARP)):
+        written = torch.tensor([slot[key] for key in warp_keys[warp_passing].tolist()], dtype=torch.int64)
+        assert torch.equal(written - written[:1], torch.arange(len(written)))  # consecutive slots, lane order
+
+
+def _emulated_equals_reference(emulated, S, codes, k, exclude=None, grid_x=2):
+    p = dataclasses.replace(cuda.plan(S.shape[0], codes.shape[0], S.shape[1], S.shape[2], FEW_SMS, k),
+                            grid_x=grid_x)
+    status, cand = emulated.topk_candidates(S, codes, k, exclude, p)
+    assert status == 0
+    values, indices = cuda.merge_candidates(cand, k)
+    ref_values, ref_indices = reference.pq_topk(S, codes, k, exclude)
+    assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
+
+
+@pytest.mark.parametrize("n,k,tie_run", [
+    (800, 100, 1),  # each tile beats all earlier ones: all 32 lanes of every warp pass
+    (1100, 300, 40),  # runs of 40 equal scores straddle warps and tiles: ties across lanes
+    (1037, 1024, 1),  # k = 1024, N = 4 tiles + a partial warp
+])
+def test_emulated_pq_topk_kernel_when_whole_warps_pass(emulated, n, k, tie_run):
+    """Scores rising with the item index: in the first CTA each tile beats all kept keys, so whole
+    warps insert at once and a buffer fills to exactly its length before it shrinks (the
+    no-overflow bound is tight). The other queries of the group (QB = 4): falling scores (only the
+    first tiles pass), a sawtooth, all tied."""
+    rising = (torch.arange(n) // tie_run).float()
+    S = torch.stack([rising, -rising, rising % 7, torch.zeros(n)]).view(4, 1, n)
+    codes = torch.arange(n, dtype=torch.int32).view(n, 1)  # item i scores S[b, 0, i]
+    _emulated_equals_reference(emulated, S, codes, k)
+
+
+@pytest.mark.parametrize("n,k", [(5, 5), (31, 3), (33, 33), (557, 300), (300, 1)])
+def test_emulated_pq_topk_kernel_partial_warps_and_ties(emulated, n, k):
+    """N not a multiple of 32: the lanes past N vote 'no'; S of zeros ties every item."""
+    S, codes = random_problem(3, n, 3, 16, seed=n, integer_scores=True)
+    S[1] = 0.0  # all N items tie: the answer is items 0..k-1
+    _emulated_equals_reference(emulated, S, codes, k)
+
+
+def test_emulated_pq_topk_kernel_exclusions_of_whole_warps(emulated):
+    n = 600
+    S, codes = random_problem(3, n, 2, 4, seed=11, integer_scores=True)  # 4 codes, 2 splits: heavy ties
+    exclude = torch.full((3, n), -1)
+    exclude[0, :96] = torch.arange(96)  # three whole warps excluded, the rest tie as usual
+    exclude[1, :n - 10] = torch.arange(10, n)  # only 10 items left for k = 50: a (-inf, -1) tail
+    exclude[2, :n] = torch.arange(n)  # nothing left
+    _emulated_equals_reference(emulated, S, codes, 50, exclude)
+    _emulated_equals_reference(emulated, S, codes, n, exclude, grid_x=3)  # k = N
 
 
 @pytest.mark.parametrize("batch,n,m,num_codes,dtype", [

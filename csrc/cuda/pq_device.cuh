@@ -12,6 +12,9 @@ namespace recjpq_cuda {
 
 constexpr int kThreads = RECJPQ_CUDA_THREADS;
 constexpr int kMaxGridY = 65535;  // query groups ride on gridDim.y
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullWarp = 0xFFFFFFFFu;  // every warp-level intrinsic here runs on all 32 lanes
+static_assert(kThreads % kWarpSize == 0, "a CTA is whole warps, so every lane reaches the warp intrinsics");
 
 __host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) & ~size_t(15); }
 

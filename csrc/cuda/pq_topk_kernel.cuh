@@ -5,11 +5,13 @@
 // a candidate buffer of `buffer_len` packed keys (score high, reversed item index low).
 //
 // Selection is a threshold filter: an item enters a query's buffer only if its key beats the
-// query's threshold, a key known to be no better than the k-th best of the query. When a buffer
-// could overflow on the next tile, the CTA sorts it, keeps its best k, and raises the threshold
-// to its k-th key; it also publishes that key to `thresholds[b]` with atomicMax, and every CTA
-// of the group reads it back before each tile. Any CTA's k-th key is a valid bound: k of its own
-// items score at least that much, so no item below it can be in the query's top k.
+// query's threshold, a key known to be no better than the k-th best of the query. Each warp
+// filters its 32 items and appends the passing keys with one shared-memory atomicAdd
+// (warp_append). When a buffer could overflow on the next tile, the CTA sorts it, keeps its best
+// k, and raises the threshold to its k-th key; it also publishes that key to `thresholds[b]` with
+// atomicMax, and every CTA of the group reads it back before each tile. Any CTA's k-th key is a
+// valid bound: k of its own items score at least that much, so no item below it can be in the
+// query's top k.
 //
 // At the end each CTA writes its best k keys per query; one top-k over the grid_x * k candidates
 // of a query (done by the caller) gives the exact answer, ties broken towards the lower index.
@@ -42,6 +44,19 @@ __device__ __forceinline__ bool is_excluded(const int64_t* row, int64_t E, int64
     else hi = mid;
   }
   return lo < E && __ldg(row + lo) == item;
+}
+
+// Appends the keys of the lanes with `pass` to a shared buffer: the lanes vote, lane 0 reserves
+// the warp's slots with one atomicAdd, and each passing lane writes at base + its rank among them.
+// At most kWarpSize keys per call and warp. Every lane of the warp must call it (full-mask votes).
+__device__ __forceinline__ void warp_append(long long* keys, int* count, long long key, bool pass) {
+  const unsigned passing = __ballot_sync(kFullWarp, pass);
+  if (passing == 0) return;  // the common case once the threshold has settled
+  const unsigned lane = threadIdx.x % kWarpSize;
+  int base = 0;
+  if (lane == 0) base = atomicAdd(count, __popc(passing));
+  base = __shfl_sync(kFullWarp, base, 0);
+  if (pass) keys[base + __popc(passing & ((1u << lane) - 1u))] = key;
 }
 
 // Block-wide bitonic sort, descending, of len (a power of two) keys in shared memory. Every thread
@@ -109,19 +124,20 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
+    // Lanes past N score nothing but still vote, so every warp reaches warp_append whole.
     const int64_t item = tile * kThreads + threadIdx.x;
-    if (item < N) {
-      float acc[QB];
-      score_item<CodeT, QB>(s_tables, table, K, M, qn, codes + item * M, vec16, acc);
+    const bool in_range = item < N;
+    float acc[QB] = {};
+    if (in_range) score_item<CodeT, QB>(s_tables, table, K, M, qn, codes + item * M, vec16, acc);
 #pragma unroll
-      for (int q = 0; q < QB; ++q) {
-        if (q >= qn) continue;
-        const long long key = pack_key(acc[q], item);
-        if (key > s_threshold[q] && (E == 0 || !is_excluded(exclude + (b0 + q) * E, E, item))) {
-          // At most kThreads insertions per tile, and count <= len - kThreads before it: no overflow.
-          s_keys[q * len + atomicAdd(&s_count[q], 1)] = key;
-        }
-      }
+    for (int q = 0; q < QB; ++q) {
+      if (q >= qn) continue;  // the same for the whole CTA
+      const long long key = pack_key(acc[q], item);
+      const bool pass = in_range && key > s_threshold[q] &&
+                        (E == 0 || !is_excluded(exclude + (b0 + q) * E, E, item));
+      // One reservation of <= 32 slots per warp: at most kThreads keys per tile, and
+      // count <= len - kThreads before it, so no overflow (docs/cuda-kernels.md).
+      warp_append(s_keys + q * len, &s_count[q], key, pass);
     }
     __syncthreads();
 

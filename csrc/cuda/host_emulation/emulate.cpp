@@ -2,18 +2,29 @@
 // machines without a GPU exercise their indexing, barriers and selection logic:
 // one std::thread per CUDA thread, __syncthreads as a std::barrier, CTAs one after another
 // (so a later CTA sees the thresholds earlier ones published), `__shared__` arrays as statics.
+// Warp intrinsics (__ballot_sync, __shfl_sync) meet the warp's 32 threads at a WarpExchange.
+// Restrictions: full mask only, and all 32 lanes call the same intrinsic at the same place in the
+// source (stricter than CUDA, which asks only for the same intrinsic); otherwise the emulation
+// aborts with a message (after kDivergenceTimeout when some lanes never arrive) instead of hanging.
 // Built by tests/test_cuda_backend.py with g++ -std=c++20 -DRECJPQ_HOST_EMULATION; not part of
 // the extension (setup.py compiles csrc/cuda/*.cu and *.cpp only).
 #include <cuda_runtime_api.h>
 #include <vector_types.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <barrier>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <source_location>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 // The CUDA headers define these as attributes for host compilers; the emulation needs them plain.
@@ -35,11 +46,83 @@ uint3 blockIdx;
 dim3 blockDim, gridDim;
 
 namespace {
+
+constexpr int kLanes = 32;
+constexpr auto kDivergenceTimeout = std::chrono::seconds(120);
+
+[[noreturn]] void die(const char* what, const std::source_location& where) {
+  std::fprintf(stderr, "host emulation: %s (%s:%u, threadIdx.x=%u)\n", what, where.file_name(),
+               static_cast<unsigned>(where.line()), threadIdx.x);
+  std::abort();
+}
+
+// Where one warp's 32 lanes meet at a warp intrinsic: each publishes a 64-bit value, waits for
+// the other 31, then reads all 32. Two slot sets alternate by generation, so a lane that already
+// moved on to the next intrinsic cannot overwrite values a slower lane has still to read.
+class WarpExchange {
+ public:
+  // Publishes `value` for this lane and returns read(values of all lanes), read under the lock.
+  template <typename Read>
+  auto exchange(unsigned mask, uint64_t value, const std::source_location& where, Read read) {
+    if (mask != 0xFFFFFFFFu) die("only full-mask warp intrinsics are emulated", where);
+    const unsigned lane = threadIdx.x % kLanes;
+    std::unique_lock lock(mutex_);
+    const unsigned generation = generation_;
+    Slots& slots = slots_[generation & 1];
+    slots.value[lane] = value;
+    slots.site[lane] = (uint64_t(where.line()) << 32) | where.column();
+    if (++arrived_ == kLanes) {
+      arrived_ = 0;
+      ++generation_;
+      all_arrived_.notify_all();
+    } else if (!all_arrived_.wait_for(lock, kDivergenceTimeout, [&] { return generation_ != generation; })) {
+      die("some lanes of this warp never reached the warp intrinsic (divergent call?)", where);
+    }
+    for (int other = 0; other < kLanes; ++other)
+      if (slots.site[other] != slots.site[lane]) die("the lanes of a warp met at different warp intrinsics", where);
+    return read(slots.value);
+  }
+
+ private:
+  struct Slots {
+    std::array<uint64_t, kLanes> value;
+    std::array<uint64_t, kLanes> site;  // line and column of the intrinsic's call
+  };
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+  unsigned arrived_ = 0, generation_ = 0;
+  Slots slots_[2];
+};
+
 std::barrier<>* cta_barrier = nullptr;
+WarpExchange* cta_warps = nullptr;  // blockDim.x / 32 of them, one per warp of the running CTA
 char* cta_smem = nullptr;
+
+WarpExchange& this_warp() { return cta_warps[threadIdx.x / kLanes]; }
+
 }  // namespace
 
 inline void __syncthreads() { cta_barrier->arrive_and_wait(); }
+inline unsigned __ballot_sync(unsigned mask, int predicate,
+                              std::source_location where = std::source_location::current()) {
+  return this_warp().exchange(mask, predicate != 0, where, [](const std::array<uint64_t, kLanes>& votes) {
+    unsigned ballot = 0;
+    for (int lane = 0; lane < kLanes; ++lane) ballot |= static_cast<unsigned>(votes[lane]) << lane;
+    return ballot;
+  });
+}
+template <typename T>
+inline T __shfl_sync(unsigned mask, T var, int src_lane, std::source_location where = std::source_location::current()) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &var, sizeof var);
+  bits = this_warp().exchange(mask, bits, where, [&](const std::array<uint64_t, kLanes>& values) {
+    return values[src_lane & (kLanes - 1)];  // CUDA's srcLane modulo the warp width
+  });
+  std::memcpy(&var, &bits, sizeof var);
+  return var;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 template <typename T>
@@ -76,7 +159,9 @@ void run_grid(dim3 grid, size_t smem, Kernel kernel, Args... args) {
     for (unsigned x = 0; x < grid.x; ++x) {
       blockIdx = make_uint3(x, y, 0);
       std::barrier<> barrier(recjpq_cuda::kThreads);
+      std::vector<WarpExchange> warps(recjpq_cuda::kThreads / kLanes);
       cta_barrier = &barrier;
+      cta_warps = warps.data();
       std::vector<std::thread> threads;
       for (unsigned t = 0; t < blockDim.x; ++t)
         threads.emplace_back([&, t] {
@@ -144,4 +229,17 @@ extern "C" int emulate_pq_scores(const float* S, const void* codes, int code_byt
   return dispatch(code_bytes, query_group, [&]<typename CodeT, int QB>() {
            scores<CodeT, QB>(S, codes, B, M, K, N, out, grid_x);
          }) ? 0 : 1;
+}
+
+// warp_append (pq_topk_kernel.cuh) alone, on one CTA: in round r, thread t appends keys[r * 256 + t]
+// if pass[r * 256 + t]. Returns the final count; out (rounds * 256 slots) receives the buffer.
+extern "C" int emulate_warp_append(const int64_t* keys, const uint8_t* pass, int rounds, int64_t* out) {
+  int count = 0;
+  run_grid(dim3(1), 0, [&] {
+    for (int r = 0; r < rounds; ++r) {
+      const int j = r * recjpq_cuda::kThreads + static_cast<int>(threadIdx.x);
+      recjpq_cuda::warp_append(reinterpret_cast<long long*>(out), &count, keys[j], pass[j] != 0);
+    }
+  });
+  return count;
 }
