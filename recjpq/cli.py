@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=d.seed)
     train.add_argument("--device", default=d.device)
     train.add_argument("--backend", default=None, help="recjpq backend for RecJPQ scoring (default: fastest)")
+    train.add_argument("--shard-catalogue", action="store_true",
+                       help="under torchrun: split the output layer's items over the ranks (recjpq, loss ce)")
     train.add_argument("--out", required=True, help="output directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines only)")
 
@@ -106,12 +108,17 @@ def _train(args) -> None:
     from recjpq.data import load_interactions
     from recjpq.training import fit
 
+    from recjpq.distributed.training import init_from_env, is_main
+
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    config.device = init_from_env(config.device)  # under torchrun: join the process group (docs/distributed.md)
     config.validate()
     data = load_interactions(args.data, args.format, min_rating=args.min_rating)
     print(f"{args.data}: {len(data.sequences)} users, {data.num_items} items, {data.num_interactions} interactions",
           file=sys.stderr)
     result = fit(data, config, progress=not args.no_progress, log_epochs=True)
+    if not is_main():
+        return  # rank 0 writes the checkpoint and metrics
     os.makedirs(args.out, exist_ok=True)
     summary = {**result.summary(), "data": os.path.abspath(args.data)}
     save_checkpoint(os.path.join(args.out, "model.pt"), result.model,

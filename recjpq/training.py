@@ -6,6 +6,7 @@ never leak into them). The best validation state is restored before the test eva
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -28,6 +29,8 @@ class TrainConfig:
     keep the model's defaults. ``patience`` counts validations without improvement;
     ``max_steps`` and ``time_limit`` (seconds) cap training (CI, benchmarks). ``backend``
     pins the ``recjpq.backends`` that RecJPQ scoring runs on (None: the fastest available).
+    ``shard_catalogue`` (under torchrun, RecJPQ with loss 'ce') splits the output layer's items
+    over the ranks (see ``recjpq.distributed.training``); with one process it changes nothing.
     """
 
     model: str = "sasrec"
@@ -56,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     backend: str | None = None
+    shard_catalogue: bool = False
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -68,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.model == "bert4rec" and self.loss != "ce":
             raise ValueError("bert4rec trains with loss='ce' (masked-item softmax)")
+        if self.shard_catalogue and (self.embedding != "recjpq" or self.loss != "ce"):
+            raise ValueError("shard_catalogue needs embedding='recjpq' and loss='ce'")
         for name in ("splits", "num_codes", "dim", "max_len", "negatives", "batch_size", "epochs", "patience",
                      "eval_every"):
             value = getattr(self, name)
@@ -113,13 +119,14 @@ def build(config: TrainConfig, split: LeaveOneOut, num_items: int) -> Sequential
 
 
 def training_loss(model: SequentialRecommender, seqs: torch.Tensor, config: TrainConfig,
-                  rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
+                  rng: np.random.Generator, generator: torch.Generator, ce=softmax_cross_entropy) -> torch.Tensor:
+    """``ce(scorer, hidden, targets)`` computes loss 'ce' (recjpq.distributed swaps in a sharded one)."""
     inputs, targets = model.training_example(seqs, rng)
     hidden = model.encode(inputs)
     has_target = targets != 0
     hidden, targets = hidden[has_target], targets[has_target]
     if config.loss == "ce":
-        return softmax_cross_entropy(model.scorer, hidden, targets)
+        return ce(model.scorer, hidden, targets)
     negatives = sample_negatives(targets, model.num_items, config.negatives, generator)
     if config.loss == "bce":
         return sampled_bce(model.scorer, hidden, targets, negatives)
@@ -133,6 +140,8 @@ def fit(data: SequenceData, config: TrainConfig, *, progress: bool = True,
     ``progress`` shows tqdm bars (loss, sequences/s); ``log_epochs`` (default: same as
     ``progress``) prints one line per epoch with the loss and validation metrics.
     """
+    from recjpq.distributed.training import DataParallel, is_distributed, is_main  # it imports this module
+
     log_epochs = progress if log_epochs is None else log_epochs
     config.validate()
     torch.manual_seed(config.seed)
@@ -140,6 +149,10 @@ def fit(data: SequenceData, config: TrainConfig, *, progress: bool = True,
     generator = torch.Generator(device=config.device).manual_seed(config.seed)
     split = leave_one_out(data.sequences)
     model = build(config, split, data.num_items)
+    parallel = None  # under torchrun: DDP, per-rank batch chunks, validation on rank 0
+    if is_distributed():
+        parallel = DataParallel(model, config)
+        progress, log_epochs = (progress, log_epochs) if is_main() else (False, False)
     causal = config.model != "bert4rec"
     # causal models need a next item to predict; they see max_len inputs plus one target
     train = [s for s in split.train if len(s) >= (2 if causal else 1)]
@@ -154,8 +167,13 @@ def fit(data: SequenceData, config: TrainConfig, *, progress: bool = True,
                    disable=None if progress else True, leave=False)  # None: no bar off a terminal (logs, CI)
         epoch_loss, seen, epoch_start, done = 0.0, 0, time.perf_counter(), False
         for idx in bar:
-            loss = training_loss(model, pad_left([train[j] for j in idx], width).to(config.device), config, rng,
-                                 generator)
+            if parallel is None:
+                loss = training_loss(model, pad_left([train[j] for j in idx], width).to(config.device), config, rng,
+                                     generator)
+            elif len(idx) < parallel.world_size:
+                continue  # a last batch too small to give every rank a sequence
+            else:
+                loss = parallel.loss(pad_left([train[j] for j in parallel.rows(idx)], width).to(config.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -170,8 +188,9 @@ def fit(data: SequenceData, config: TrainConfig, *, progress: bool = True,
                 break
         record = {"epoch": epoch, "loss": epoch_loss / max(seen, 1), "seconds": round(time.perf_counter() - start, 2)}
         if epoch % config.eval_every == 0 or done or epoch == config.epochs:
-            record.update(evaluate(model, split.valid, exclude_seen=config.exclude_seen,
-                                   max_users=config.valid_users))
+            validate = functools.partial(evaluate, model, split.valid, exclude_seen=config.exclude_seen,
+                                         max_users=config.valid_users)
+            record.update(validate() if parallel is None else parallel.on_main(validate))
             if record["ndcg@10"] > best_score:
                 best_score, stale, result.best_epoch = record["ndcg@10"], 0, epoch
                 best_state = copy.deepcopy(model.state_dict())
@@ -184,6 +203,10 @@ def fit(data: SequenceData, config: TrainConfig, *, progress: bool = True,
             break
     result.train_seconds = time.perf_counter() - start
     model.load_state_dict(best_state)
-    result.valid = evaluate(model, split.valid, exclude_seen=config.exclude_seen)
-    result.test = evaluate(model, split.test, exclude_seen=config.exclude_seen)
+
+    def final():
+        return (evaluate(model, split.valid, exclude_seen=config.exclude_seen),
+                evaluate(model, split.test, exclude_seen=config.exclude_seen))
+
+    result.valid, result.test = final() if parallel is None else parallel.on_main(final)
     return result
