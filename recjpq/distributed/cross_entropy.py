@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from recjpq import ops
-from recjpq._validate import check_same_device, check_table, check_tensor
 from recjpq.distributed.catalogue import CatalogueShard
 from recjpq.distributed.collectives import all_gather_rows, gather_shares
-from recjpq.ops.pq_cross_entropy import REDUCTIONS, TARGET_DTYPES, _code_counts, _target_codes
+from recjpq.ops.pq_cross_entropy import _code_counts, _target_codes, check_loss_args, reduce_losses
 
 
 def _shares(S, shard: CatalogueShard, targets, valid, temperature: float, label_smoothing: float,
@@ -66,19 +65,7 @@ def pq_cross_entropy(S: torch.Tensor, shard: CatalogueShard, targets: torch.Tens
     """
     if not isinstance(shard, CatalogueShard):
         raise TypeError(f"shard must be a CatalogueShard, got {type(shard).__name__}")
-    check_table(S, shard.codes)
-    check_tensor("targets", targets, ndim=1, dtypes=TARGET_DTYPES)
-    check_same_device(S=S, targets=targets)
-    if targets.shape[0] != S.shape[0]:
-        raise ValueError(f"targets has {targets.shape[0]} rows but S has B={S.shape[0]} rows")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not 0.0 < float(temperature) < float("inf"):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    check_loss_args(S, shard.codes, targets, ignore_index, reduction, label_smoothing, temperature)
     targets = targets.long()
     valid = targets != ignore_index
     kept = targets[valid]
@@ -88,11 +75,7 @@ def pq_cross_entropy(S: torch.Tensor, shard: CatalogueShard, targets: torch.Tens
     eps = float(label_smoothing)
     lse, target_z, mean_z = _global_terms(_compute_dtype(S), shard, targets, valid, float(temperature), eps, backend)
     losses = torch.where(valid, lse - (1.0 - eps) * target_z - eps * mean_z, 0.0)
-    if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / valid.sum()
+    return reduce_losses(losses, valid, reduction)
 
 
 def softmax_cross_entropy(scorer, hidden: torch.Tensor, targets: torch.Tensor, shard: CatalogueShard) -> torch.Tensor:

@@ -38,6 +38,34 @@ def _target_codes(codes: torch.Tensor, targets: torch.Tensor, valid: torch.Tenso
     return codes[torch.where(valid, targets, 0)].long().unsqueeze(2)
 
 
+def check_loss_args(S: torch.Tensor, codes: torch.Tensor, targets: torch.Tensor, ignore_index, reduction,
+                    label_smoothing, temperature) -> None:
+    """The metadata checks of ``pq_cross_entropy`` (shared with its sharded form in
+    ``recjpq.distributed``); the target range is checked by each against its own N."""
+    check_table(S, codes)
+    check_tensor("targets", targets, ndim=1, dtypes=TARGET_DTYPES)
+    check_same_device(S=S, targets=targets)
+    if targets.shape[0] != S.shape[0]:
+        raise ValueError(f"targets has {targets.shape[0]} rows but S has B={S.shape[0]} rows")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not 0.0 < float(temperature) < float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+
+
+def reduce_losses(losses: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-row losses (0 where ignored) -> the requested reduction; "mean" is over the valid rows."""
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / valid.sum()
+
+
 def _rows_to_run(mask: torch.Tensor) -> torch.Tensor | None:
     """Indices of the rows the backend must process, or None when it is all of them."""
     return None if bool(mask.all()) else mask.nonzero().squeeze(1)
@@ -133,25 +161,9 @@ def pq_cross_entropy(S: torch.Tensor, codes: torch.Tensor, targets: torch.Tensor
     ignored (nan if there are none). Computes in float32, or float64 for float64 S; differentiable
     with respect to S.
     """
-    check_table(S, codes)
-    check_tensor("targets", targets, ndim=1, dtypes=TARGET_DTYPES)
-    check_same_device(S=S, targets=targets)
-    if targets.shape[0] != S.shape[0]:
-        raise ValueError(f"targets has {targets.shape[0]} rows but S has B={S.shape[0]} rows")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not 0.0 < float(temperature) < float("inf"):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    check_loss_args(S, codes, targets, ignore_index, reduction, label_smoothing, temperature)
     name = backends.resolve(backend, S.device, "pq_cross_entropy_forward")
     S = (S if S.dtype == torch.float64 else S.float()).contiguous()
     losses, _ = _pq_cross_entropy_op(S, codes.contiguous(), targets.long().contiguous(), ignore_index,
                                      float(label_smoothing), float(temperature), name)
-    if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / (targets != ignore_index).sum()
+    return reduce_losses(losses, targets != ignore_index, reduction)
