@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import recjpq  # noqa: E402
 from bench.peers import Catalogue, machine, recjpq_topk, split_loop_topk  # noqa: E402
 
+# recjpq.ops.pq_topk_query's tensor-core algorithms (triton), timed at batches this large only
+DECODE_ALGORITHMS, DECODE_MIN_BATCH = ("decode", "decode_tf32x3", "decode_bf16"), 256
 FULL = {"n": [1_000_000, 10_000_000], "m": [8, 32], "b": [1, 16, 256, 1024], "k": [10, 100]}
 QUICK = {"n": [1_000_000, 10_000_000], "m": [32], "b": [1, 16, 1024], "k": [10, 100]}
 D, NUM_CODES = 512, 256
@@ -51,6 +53,10 @@ class GpuCatalogue(Catalogue):
         for start in range(0, n, 1 << 20):  # decode in chunks: float32 [N, d] would be 20 GB at N=1e7
             chunk = self.codes[start:start + (1 << 20)].long()
             self.items_bf16[start:start + chunk.shape[0]] = self.centroids[splits, chunk].flatten(1)
+
+
+def decode_topk(cat: GpuCatalogue, queries: torch.Tensor, k: int, algorithm: str):
+    return recjpq.ops.pq_topk_query(queries, cat.centroids, cat.codes, k, backend="triton", algorithm=algorithm)
 
 
 def dense_bf16_topk(cat: GpuCatalogue, queries: torch.Tensor, k: int):
@@ -101,6 +107,8 @@ def bench_shape(cat: GpuCatalogue, n, m, batch, k, backends) -> dict:
     q = cat.queries[:batch].contiguous()
     row = {"n": n, "m": m, "d": D, "num_codes": NUM_CODES, "batch": batch, "k": k, "ms": {}, "errors": {}}
     runs = {f"recjpq:{b}": (lambda b=b: recjpq_topk(cat, q, k, backend=b)) for b in backends}
+    if batch >= DECODE_MIN_BATCH and "triton" in backends:
+        runs.update({f"recjpq:triton:{a}": (lambda a=a: decode_topk(cat, q, k, a)) for a in DECODE_ALGORITHMS})
     runs["dense_bf16"] = lambda: dense_bf16_topk(cat, q, k)
     runs["split_loop"] = lambda: split_loop_topk(cat, q, k)
     for name, fn in runs.items():
@@ -133,6 +141,13 @@ def check_against_reference(cat, batch, k, backends) -> dict:
     for b in backends:
         got = ops.pq_topk(S, cat.codes, k, backend=b)
         result[b] = bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
+    if "triton" in backends:
+        for algorithm in DECODE_ALGORITHMS:  # new and unmeasured: a failure must not cost the shape
+            try:
+                got = decode_topk(cat, cat.queries[:batch], k, algorithm)
+                result[f"triton:{algorithm}"] = bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
+            except Exception as e:
+                result[f"triton:{algorithm}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return result
 
 
@@ -169,8 +184,9 @@ def main():
         print(f"lookup ceiling: {report['lookup_ceiling']['lookups_per_s']:.3g} lookups/s", flush=True)
     except Exception:
         report["lookup_ceiling"] = {"error": traceback.format_exc(limit=2)}
+    decode_columns = [f"recjpq:triton:{a}" for a in DECODE_ALGORITHMS] if "triton" in backends else []
     print(f"{'N':>9} {'M':>3} {'B':>5} {'k':>4} " + " ".join(f"{n:>16}" for n in
-          [f"recjpq:{b}" for b in backends] + ["dense_bf16", "split_loop"]) + "  (ms)", flush=True)
+          [f"recjpq:{b}" for b in backends] + ["dense_bf16", "split_loop"] + decode_columns) + "  (ms)", flush=True)
     for n in sweep["n"]:
         for m in sweep["m"]:
             if time.time() - start > args.budget_s:
@@ -196,7 +212,7 @@ def main():
                     report["results"].append(row)
                     save()
                     cells = [row.get("ms", {}).get(name) for name in
-                             [f"recjpq:{b}" for b in backends] + ["dense_bf16", "split_loop"]]
+                             [f"recjpq:{b}" for b in backends] + ["dense_bf16", "split_loop"] + decode_columns]
                     print(f"{n:>9} {m:>3} {batch:>5} {k:>4} " +
                           " ".join(f"{c:>16.3f}" if c is not None else f"{'-':>16}" for c in cells), flush=True)
             del cat

@@ -70,3 +70,38 @@ def excluded_mask(exclude_sorted, rows, row_ok, E, start, items, STEPS: tl.const
         ids = tl.load(row_ptr + lo + t, mask=row_ok & (lo + t < hi), other=-1)
         hit |= ids[:, None] == items[None, :].to(tl.int64)
     return hit
+
+
+@triton.jit
+def program_items(B, N, num_splits, TILE: tl.constexpr, QB: tl.constexpr):
+    """This program's share of a ``num_splits`` x query-groups grid: ``(split, rows [QB],
+    row_ok, first tile, end tile)``; splits are contiguous ranges of ``TILE``-item tiles."""
+    pid = tl.program_id(0)
+    groups = tl.cdiv(B, QB)
+    split = pid // groups
+    rows = (pid % groups) * QB + tl.arange(0, QB)
+    tiles = tl.cdiv(N, TILE)
+    per_split = tl.cdiv(tiles, num_splits)
+    first = split * per_split
+    return split, rows, rows < B, first, tl.minimum(first + per_split, tiles)
+
+
+@triton.jit
+def merge_best(best, keys, KT: tl.constexpr):
+    """Running descending top-``KT`` ``best [QB, KT]`` updated with a tile's ``keys [QB, TILE]``.
+
+    A tile where no key beats a row's worst kept key skips selection (most tiles, once the
+    threshold settles); otherwise its top ``KT`` merges in with one bitonic merge: the
+    elementwise max of a descending and an ascending run holds the best ``KT`` of both.
+    """
+    if tl.max((keys > tl.min(best, axis=1)[:, None]).to(tl.int32)) > 0:
+        top = tl.topk(keys, KT, dim=1)
+        best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), descending=True)
+    return best
+
+
+@triton.jit
+def store_best(cand, best, rows, row_ok, split, num_splits, KT: tl.constexpr):
+    """``best`` to ``cand[B, num_splits, KT]`` (stage 2 merges the splits with ``torch.topk``)."""
+    offsets = (rows.to(tl.int64)[:, None] * num_splits + split) * KT + tl.arange(0, KT)[None, :]
+    tl.store(cand + offsets, best, mask=row_ok[:, None])

@@ -11,7 +11,8 @@ both. Keys carry exclusions and ties (see ``recjpq.topk_keys``), so stage 2 is a
 import triton
 import triton.language as tl
 
-from recjpq.kernels.pq_lookup import INTERPRETED, empty_key, excluded_mask, pack_keys, score_tile
+from recjpq.kernels.pq_lookup import (INTERPRETED, empty_key, excluded_mask, merge_best, pack_keys, program_items,
+                                     score_tile, store_best)
 
 _CONFIGS = [triton.Config({"BLOCK_N": 64, "QB": 2})] if INTERPRETED else [
     # few configs: each one compiles in seconds on the host, once per autotuning key
@@ -42,16 +43,7 @@ def pq_topk_kernel(S, codes_t, exclude_sorted, cand, B, N, E, num_splits, B_BUCK
                    M: tl.constexpr, K: tl.constexpr, KT: tl.constexpr, EXCLUDE_STEPS: tl.constexpr,
                    BLOCK_N: tl.constexpr, QB: tl.constexpr):
     TILE: tl.constexpr = tile_size(BLOCK_N, KT)
-    pid = tl.program_id(0)
-    groups = tl.cdiv(B, QB)
-    split = pid // groups
-    rows = (pid % groups) * QB + tl.arange(0, QB)
-    row_ok = rows < B
-    tiles = tl.cdiv(N, TILE)
-    per_split = tl.cdiv(tiles, num_splits)
-    first = split * per_split
-    last = tl.minimum(first + per_split, tiles)
-
+    split, rows, row_ok, first, last = program_items(B, N, num_splits, TILE, QB)
     empty = empty_key()
     best = tl.full((QB, KT), empty, tl.int64)  # descending
     for tile in range(first, last):
@@ -62,11 +54,5 @@ def pq_topk_kernel(S, codes_t, exclude_sorted, cand, B, N, E, num_splits, B_BUCK
         drop = ~(row_ok[:, None] & item_ok[None, :])
         if EXCLUDE_STEPS > 0:
             drop |= excluded_mask(exclude_sorted, rows, row_ok, E, start, items, EXCLUDE_STEPS)
-        keys = tl.where(drop, empty, pack_keys(scores, items))
-        threshold = tl.min(best, axis=1)
-        if tl.max((keys > threshold[:, None]).to(tl.int32)) > 0:
-            top = tl.topk(keys, KT, dim=1)
-            best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), descending=True)
-
-    offsets = (rows.to(tl.int64)[:, None] * num_splits + split) * KT + tl.arange(0, KT)[None, :]
-    tl.store(cand + offsets, best, mask=row_ok[:, None])
+        best = merge_best(best, tl.where(drop, empty, pack_keys(scores, items)), KT)
+    store_best(cand, best, rows, row_ok, split, num_splits, KT)

@@ -95,3 +95,16 @@ def pq_cross_entropy_forward(S, codes, scale):
 def pq_cross_entropy_backward(S, codes, lse, grad_lse, scale):
     return pq_logsumexp_backward(S, _codes_split_major(codes), lse, grad_lse, scale,
                                  _num_splits(codes.shape[0], S.shape[0], S.device))
+
+
+# recjpq.ops.pq_topk_query, algorithm "decode*": tensor-core scores of decoded items, exact rescoring
+# of the candidates within a proven margin (kernels/pq_decode_topk.py)
+from recjpq.kernels.pq_decode_topk import MAX_DECODE_K, pq_decode_topk  # noqa: E402
+
+
+def pq_topk_query(query, centroids, S, codes, k, exclude, algorithm):
+    if k > MAX_DECODE_K:
+        return pq_topk(S, codes, k, exclude)
+    lut = lambda S_rows, exclude_rows: pq_topk(S_rows, codes, k, exclude_rows)
+    splits = _num_splits(codes.shape[0], triton.cdiv(query.shape[0], 16), S.device)
+    return pq_decode_topk(query, centroids, S, _codes_split_major(codes), k, exclude, splits, algorithm, lut)

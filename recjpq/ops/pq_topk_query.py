@@ -1,0 +1,75 @@
+"""Top-k straight from the queries and the PQ catalogue: ``pq_topk(subitem_scores(query,
+centroids), codes, k)``, with the sub-item embeddings at hand so that a backend may score on the
+tensor cores (decode items, ``tl.dot`` with the queries) and rescore its candidates exactly."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from recjpq import backends
+from recjpq._validate import (FLOAT_DTYPES, check_codes, check_same_device, check_tensor, check_topk_args,
+                              check_values)
+from recjpq.ops.pq_topk import _backward as _pq_topk_backward, _setup as _pq_topk_setup, pq_topk
+from recjpq.ops.subitem_scores import subitem_scores
+
+# "decode*" differ in the tensor-core input precision (kernels/pq_decode_topk.py: DECODE_ALGORITHMS)
+ALGORITHMS = ("auto", "lut", "decode", "decode_tf32x3", "decode_bf16")
+
+
+@torch.library.custom_op("recjpq::pq_topk_query", mutates_args=())
+def _pq_topk_query_op(S: torch.Tensor, codes: torch.Tensor, k: int, exclude: Optional[torch.Tensor],
+                      query: torch.Tensor, centroids: torch.Tensor, backend: str,
+                      algorithm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    check_values(S, codes, exclude)
+    return backends.get(backend).pq_topk_query(query, centroids, S, codes, k, exclude, algorithm)
+
+
+@_pq_topk_query_op.register_fake
+def _(S, codes, k, exclude, query, centroids, backend, algorithm):
+    return S.new_empty(S.shape[0], k), S.new_empty(S.shape[0], k, dtype=torch.int64)
+
+
+def _backward(ctx, grad_values, grad_indices):
+    """pq_topk's: the values are S sums, so gradients reach query and centroids through S."""
+    return _pq_topk_backward(ctx, grad_values, grad_indices) + (None, None)
+
+
+_pq_topk_query_op.register_autograd(_backward, setup_context=_pq_topk_setup)
+
+
+def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, k: int, *,
+                  exclude: torch.Tensor | None = None, backend: str | None = None,
+                  algorithm: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best items for queries ``[B, d]`` over the catalogue ``(centroids [M, K, d/M], codes [N, M])``.
+
+    Exactly ``pq_topk(subitem_scores(query, centroids), codes, k, exclude=exclude)``: the same
+    float32 values (splits added in order) and indices, ties to the lower index, a ``-inf`` / ``-1``
+    tail when fewer than k items remain. ``algorithm``: ``"lut"`` builds S and runs ``pq_topk`` on
+    ``backend``; ``"decode"`` (triton only: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``)
+    scores tiles of decoded items against blocks of queries with ``tl.dot`` in tf32, then rescores
+    every item within a proven error margin of the k-th best exactly from S (``"decode_tf32x3"``
+    and ``"decode_bf16"``: other input precisions, tighter or looser margins); ``"auto"`` is
+    ``"lut"`` until GPU measurements say where decoding is faster. Values are differentiable with
+    respect to ``query`` and ``centroids`` (through S).
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    decode = algorithm.startswith("decode")
+    if decode and backend not in (None, "triton"):
+        raise ValueError(f"algorithm={algorithm!r} runs only on the triton backend, got backend={backend!r}")
+    check_tensor("query", query, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("centroids", centroids, ndim=3, dtypes=FLOAT_DTYPES)
+    check_codes(codes, centroids.shape[1])
+    check_same_device(query=query, centroids=centroids, codes=codes, exclude=exclude)
+    if centroids.shape[0] != codes.shape[1]:
+        raise ValueError(f"centroids have M={centroids.shape[0]} splits but codes have M={codes.shape[1]}")
+    S = subitem_scores(query, centroids)  # checks the query / centroids shapes and devices
+    check_topk_args(S, codes, k, exclude)
+    if not decode:
+        return pq_topk(S, codes, k, exclude=exclude, backend=backend)
+    name = backends.resolve("triton", S.device, "pq_topk_query")
+    if exclude is not None:
+        exclude = exclude.contiguous()
+    return _pq_topk_query_op(S, codes.contiguous(), k, exclude, query.contiguous(), centroids.contiguous(),
+                             name, algorithm)
