@@ -259,6 +259,46 @@ def test_baco_codes_reject_bad_input():
         assign_codes((np.array([], dtype=np.int64), np.array([], dtype=np.int64)), 5, 2, 4, strategy="baco")
 
 
+# ---------------------------------------------------------------- multi-level codes
+
+
+def test_level_codes_start_with_co_clusters_and_add_unique_combinations():
+    log, _, item_group = planted(seed=0)
+    codes = baco.level_codes(log, [6, 5, 4], seed=0)
+    assert codes.user_codes.shape == (240, 3) and codes.item_codes.shape == (120, 3) and codes.num_rows == (6, 5, 4)
+    assert codes.user_codes.dtype == torch.int64
+    first = co_cluster(log, 6, seed=0)
+    assert torch.equal(codes.user_codes[:, 0], first.user_clusters)
+    assert torch.equal(codes.item_codes[:, 0], first.item_clusters)
+    for j, k in enumerate(codes.num_rows):
+        assert int(codes.item_codes[:, j].min()) >= 0 and int(codes.item_codes[:, j].max()) < k
+        assert int(codes.user_codes[:, j].max()) < k
+    assert nmi(item_group, codes.item_codes[:, 0].numpy()) > 0.9
+    # later levels describe the residual graph: new information, so far more distinct row combinations
+    assert nmi(codes.item_codes[:, 0].numpy(), codes.item_codes[:, 1].numpy()) < 0.5
+    assert torch.unique(codes.item_codes, dim=0).shape[0] > 4 * torch.unique(codes.item_codes[:, 0]).numel()
+    again = baco.level_codes(log, [6, 5, 4], seed=0)
+    assert torch.equal(codes.item_codes, again.item_codes) and torch.equal(codes.user_codes, again.user_codes)
+    emb = ClusterEmbedding(codes.item_codes, 8, list(codes.num_rows))
+    assert emb(torch.arange(120)).shape == (120, 8) and emb.weight.shape == (15, 8)
+
+
+@pytest.mark.parametrize("num_rows,error,match", [
+    ([], ValueError, "num_rows"),
+    (4, ValueError, "num_rows"),
+    ([4, 0], ValueError, r"num_rows\[1\]"),
+    ([4, 2.5], ValueError, r"num_rows\[1\]"),
+])
+def test_level_codes_reject_bad_row_counts(num_rows, error, match):
+    with pytest.raises(error, match=match):
+        baco.level_codes(random_log(), num_rows)
+
+
+def test_level_codes_reject_empty_graph():
+    with pytest.raises(ValueError, match="empty"):
+        baco.level_codes((np.array([], dtype=np.int64), np.array([], dtype=np.int64)), [2, 2])
+
+
 # ---------------------------------------------------------------- ClusterEmbedding
 
 

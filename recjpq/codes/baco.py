@@ -353,6 +353,44 @@ def co_cluster(interactions, num_clusters: int, *, num_secondary: int = 0, num_u
     return CoClusters(user_labels, item_labels, secondary, k, k2)
 
 
+class LevelCodes(NamedTuple):
+    """Multi-level co-cluster ids (int64): column ``j`` holds level ``j``'s labels in ``[0, num_rows[j])``."""
+
+    user_codes: torch.Tensor
+    item_codes: torch.Tensor
+    num_rows: tuple[int, ...]
+
+
+def level_codes(interactions, num_rows, *, num_users: int | None = None, num_items: int | None = None,
+                device=None, seed: int = 0, progress: bool | Callable[[dict], None] | None = None,
+                **options) -> LevelCodes:
+    """Compositional BACO ids: level ``j`` co-clusters the edges no earlier level explains.
+
+    One co-cluster label per entity ties every entity of a cluster in score; the sum of one row per
+    level (``recjpq.nn.ClusterEmbedding(codes, dim, num_rows)``) gives entities (near-)unique row
+    combinations at the same row budget. Level 0 is ``co_cluster`` on the whole graph; level ``j``
+    runs it on the residual graph (edges whose user and item got different labels on every earlier
+    level, as BACO's secondary user clusters do), so each level describes what the earlier ones
+    miss. Users and items share each level's labels (co-clusters). ``num_rows``: clusters per level;
+    ``options`` go to ``co_cluster`` (``alpha``, ``sweeps``, ...); level ``j`` uses ``seed + j``.
+    """
+    if not (isinstance(num_rows, (list, tuple)) and num_rows):
+        raise ValueError(f"num_rows must be a non-empty list of cluster counts, got {num_rows!r}")
+    sizes = [_check_count(f"num_rows[{j}]", k, 1) for j, k in enumerate(num_rows)]
+    users, items, weights, nu, ni = _edges(interactions, num_users, num_items, device)
+    unexplained = torch.ones_like(users, dtype=torch.bool)
+    user_codes, item_codes = [], []
+    for j, k in enumerate(sizes):
+        keep = unexplained if bool(unexplained.any()) else torch.ones_like(unexplained)
+        graph = torch.sparse_coo_tensor(torch.stack([users[keep], items[keep]]), weights[keep], (nu, ni),
+                                        check_invariants=False)
+        level = co_cluster(graph, k, seed=seed + j, progress=progress, **options)
+        unexplained &= level.user_clusters[users] != level.item_clusters[items]
+        user_codes.append(level.user_clusters)
+        item_codes.append(level.item_clusters)
+    return LevelCodes(torch.stack(user_codes, 1), torch.stack(item_codes, 1), tuple(sizes))
+
+
 def item_codes(interactions, num_items: int, num_splits: int, num_codes: int = 256, *, seed: int = 0,
                sweeps: int = 2, refined_splits: int | None = None, slack: float = 0.05, move_fraction: float = 0.5,
                device=None, progress: bool | Callable[[dict], None] | None = None) -> torch.Tensor:
