@@ -27,14 +27,21 @@ def power_law_log(num_users: int, num_items: int, num_interactions: int, seed: i
     return users, rng.permutation(num_items)[items]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def log_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every code-assignment scale benchmark takes: the synthetic log's size, M and
+    the results folder."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--users", type=int, default=200_000)
     p.add_argument("--interactions", type=int, default=10_000_000)
     p.add_argument("--splits", type=int, default=8)
-    p.add_argument("--strategy", default="svd")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return p
+
+
+def main(argv=None):
+    p = log_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--strategy", default="svd")
     args = p.parse_args(argv)
     log = power_law_log(args.users, args.items, args.interactions)
     t0 = time.perf_counter()

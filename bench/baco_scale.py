@@ -8,7 +8,6 @@ svd strategy is timed on, so the two JSON files compare directly.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.assign_codes_scale import power_law_log  # noqa: E402
+from bench.assign_codes_scale import log_parser, power_law_log  # noqa: E402
 from bench.peers import machine  # noqa: E402
 from recjpq.codes import assign_codes, co_cluster  # noqa: E402
 
@@ -42,14 +41,9 @@ def _load_average() -> list[float]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--items", type=int, default=1_000_000)
-    p.add_argument("--users", type=int, default=200_000)
-    p.add_argument("--interactions", type=int, default=10_000_000)
-    p.add_argument("--splits", type=int, default=8)
+    p = log_parser(__doc__.split("\n\n")[0])
     p.add_argument("--co-cluster", type=int, default=0, metavar="K",
                    help="also time co_cluster with K clusters and K secondary user clusters")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     log = power_law_log(args.users, args.items, args.interactions)
     rss_before = _peak_rss_mb()
