@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from recjpq.kernels.pq_lookup import (INTERPRETED, empty_key, excluded_mask, merge_best, pack_keys, program_items,
-                                     store_best)
+from recjpq.kernels.pq_lookup import INTERPRETED, empty_key, merge_tile, program_items, store_best, tile_items
 from recjpq.kernels.pq_topk import tile_size
 from recjpq.topk_keys import EMPTY_KEY, pack_keys as pack_keys_torch, unpack_keys
 
@@ -110,17 +109,11 @@ def decode_threshold_kernel(query, centroids, codes_t, exclude_sorted, cand, B, 
     ``pq_topk_kernel``, written to ``cand[B, num_splits, KT]``."""
     TILE: tl.constexpr = tile_size(BLOCK_N, KT)
     split, rows, row_ok, first, last = program_items(B, N, num_splits, TILE, BQ)
-    empty = empty_key()
-    best = tl.full((BQ, KT), empty, tl.int64)  # descending
+    best = tl.full((BQ, KT), empty_key(), tl.int64)  # descending
     for tile in range(first, last):
-        start = tile * TILE
-        items = start + tl.arange(0, TILE)
-        item_ok = items < N
+        start, items, item_ok = tile_items(tile, TILE, N)
         scores = approx_tile(query, centroids, codes_t, rows, row_ok, items, item_ok, N, K, M, DSUB, INPUT_PRECISION)
-        drop = ~(row_ok[:, None] & item_ok[None, :])
-        if EXCLUDE_STEPS > 0:
-            drop |= excluded_mask(exclude_sorted, rows, row_ok, E, start, items, EXCLUDE_STEPS)
-        best = merge_best(best, tl.where(drop, empty, pack_keys(scores, items)), KT)
+        best = merge_tile(best, scores, rows, row_ok, start, items, item_ok, exclude_sorted, E, KT, EXCLUDE_STEPS)
     store_best(cand, best, rows, row_ok, split, num_splits, KT)
 
 

@@ -87,6 +87,25 @@ def program_items(B, N, num_splits, TILE: tl.constexpr, QB: tl.constexpr):
 
 
 @triton.jit
+def tile_items(tile, TILE: tl.constexpr, N):
+    """``(start, items [TILE], item_ok)`` of a program's ``tile``-th tile of ``TILE`` items."""
+    start = tile * TILE
+    items = start + tl.arange(0, TILE)
+    return start, items, items < N
+
+
+@triton.jit
+def merge_tile(best, scores, rows, row_ok, start, items, item_ok, exclude_sorted, E, KT: tl.constexpr,
+               EXCLUDE_STEPS: tl.constexpr):
+    """``merge_best`` with a tile's ``scores [QB, TILE]``, where padding rows, items past ``N``
+    and excluded items enter as empty keys."""
+    drop = ~(row_ok[:, None] & item_ok[None, :])
+    if EXCLUDE_STEPS > 0:
+        drop |= excluded_mask(exclude_sorted, rows, row_ok, E, start, items, EXCLUDE_STEPS)
+    return merge_best(best, tl.where(drop, empty_key(), pack_keys(scores, items)), KT)
+
+
+@triton.jit
 def merge_best(best, keys, KT: tl.constexpr):
     """Running descending top-``KT`` ``best [QB, KT]`` updated with a tile's ``keys [QB, TILE]``.
 

@@ -11,8 +11,8 @@ both. Keys carry exclusions and ties (see ``recjpq.topk_keys``), so stage 2 is a
 import triton
 import triton.language as tl
 
-from recjpq.kernels.pq_lookup import (INTERPRETED, empty_key, excluded_mask, merge_best, pack_keys, program_items,
-                                     score_tile, store_best)
+from recjpq.kernels.pq_lookup import (INTERPRETED, empty_key, merge_tile, program_items, score_tile, store_best,
+                                     tile_items)
 
 _CONFIGS = [triton.Config({"BLOCK_N": 64, "QB": 2})] if INTERPRETED else [
     # few configs: each one compiles in seconds on the host, once per autotuning key
@@ -44,15 +44,9 @@ def pq_topk_kernel(S, codes_t, exclude_sorted, cand, B, N, E, num_splits, B_BUCK
                    BLOCK_N: tl.constexpr, QB: tl.constexpr):
     TILE: tl.constexpr = tile_size(BLOCK_N, KT)
     split, rows, row_ok, first, last = program_items(B, N, num_splits, TILE, QB)
-    empty = empty_key()
-    best = tl.full((QB, KT), empty, tl.int64)  # descending
+    best = tl.full((QB, KT), empty_key(), tl.int64)  # descending
     for tile in range(first, last):
-        start = tile * TILE
-        items = start + tl.arange(0, TILE)
-        item_ok = items < N
+        start, items, item_ok = tile_items(tile, TILE, N)
         scores = score_tile(S, codes_t, rows, row_ok, items, item_ok, N, M, K)
-        drop = ~(row_ok[:, None] & item_ok[None, :])
-        if EXCLUDE_STEPS > 0:
-            drop |= excluded_mask(exclude_sorted, rows, row_ok, E, start, items, EXCLUDE_STEPS)
-        best = merge_best(best, tl.where(drop, empty, pack_keys(scores, items)), KT)
+        best = merge_tile(best, scores, rows, row_ok, start, items, item_ok, exclude_sorted, E, KT, EXCLUDE_STEPS)
     store_best(cand, best, rows, row_ok, split, num_splits, KT)
