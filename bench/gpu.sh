@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The project's one-call GPU run, from the repository root on a fresh GPU machine:
 #   bash bench/gpu.sh [all|setup|test|bench] [bench/gpu_bench.py arguments...]
+#   bash bench/gpu.sh models DATA_FILE [recjpq train arguments...]
 # all (default): setup, the whole test suite on the GPU, bench/cuda_checks.sh if present, then
 # bench/gpu_bench.py --quick unless arguments are given. Logs and JSON go to ${OUT:-bench/results}.
 # Everything fits LIMIT_S seconds (default 570, for a 10-minute slot): the test run gets at most
 # TEST_TIMEOUT_S (default 240) and the benchmark starts no new shape past what is left.
+# models: the quality tables of docs/models.md on the GPU (scripts/run_table.sh with MODELS and
+# VARIANTS); the runs share what is left of LIMIT_S. The data is not redistributable, so it
+# travels in the git-ignored .data/ (docs/models.md, "On a GPU"). DEVICE=cpu skips the setup.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE="${1:-all}"; [ $# -gt 0 ] && shift
@@ -46,12 +50,28 @@ run_bench() {
   "$PY" bench/gpu_bench.py --budget-s "$left" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_bench.log" || status=1
 }
 
+run_models() {
+  local data=${1:?usage: bash bench/gpu.sh models DATA_FILE [recjpq train arguments...]}; shift
+  local name; name=$(basename "${data%.*}")
+  local runs=${RUNS_DIR:-/tmp/recjpq-runs}/$name
+  local count=$(( $(wc -w <<< "${MODELS:-sasrec gru4rec bert4rec}") * $(wc -w <<< "${VARIANTS:-dense recjpq-svd recjpq-random}") ))
+  local each=$(( (LIMIT_S - SECONDS - 30) / count - 45 ))  # 45 s per run for codes, the test evaluation and saving
+  [ "$each" -lt 30 ] && { echo "no time left for $count training runs"; status=1; return; }
+  echo "== $count training runs on $data, at most ${TIME_LIMIT:-$each}s of training each"
+  PYTHON=$PY THREADS=${THREADS:-8} TIME_LIMIT=${TIME_LIMIT:-$each} bash scripts/run_table.sh "$data" "$runs" --device "${DEVICE:-cuda}" "$@" 2>&1 \
+    | tee "$OUT/models_$name.log" || status=1
+  for metrics in "$runs"/*/metrics.json; do
+    [ -f "$metrics" ] && cp "$metrics" "$OUT/models_${name}_$(basename "$(dirname "$metrics")").json"
+  done
+}
+
 case "$STAGE" in
   all) setup; run_tests; run_bench "$@" ;;
   setup) setup ;;
   test) setup; run_tests ;;
   bench) setup; run_bench "$@" ;;
-  *) echo "usage: bash bench/gpu.sh [all|setup|test|bench] [gpu_bench.py args]"; exit 2 ;;
+  models) [ "${DEVICE:-cuda}" = cpu ] || setup; run_models "$@" ;;
+  *) echo "usage: bash bench/gpu.sh [all|setup|test|bench] [gpu_bench.py args] | models DATA_FILE [train args]"; exit 2 ;;
 esac
 echo "== done in ${SECONDS}s, status $status"
 exit $status

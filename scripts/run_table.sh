@@ -4,7 +4,8 @@
 #   scripts/run_table.sh DATA_FILE OUT_DIR [extra `recjpq train` args...]
 # Env: MODELS (default "sasrec gru4rec bert4rec"), VARIANTS (default "dense recjpq-svd recjpq-random";
 #      recjpq-<strategy> takes any recjpq.codes strategy, e.g. recjpq-baco), TIME_LIMIT (seconds of training per run, default: none),
-#      THREADS (torch threads, default 1: fastest on a shared machine).
+#      THREADS (torch threads, default 1: fastest on a shared machine),
+#      PYTHON (interpreter, default python).
 set -euo pipefail
 data=$1; out=$2; shift 2
 models=${MODELS:-sasrec gru4rec bert4rec}
@@ -18,8 +19,8 @@ for model in $models; do
       *) echo "unknown variant $variant" >&2; exit 2 ;;
     esac
     echo "== $model $variant"
-    nice -n 10 python -m recjpq --threads "${THREADS:-1}" train --data "$data" --model "$model" "${emb[@]}" \
+    nice -n 10 "${PYTHON:-python}" -m recjpq --threads "${THREADS:-1}" train --data "$data" --model "$model" "${emb[@]}" \
       ${TIME_LIMIT:+--time-limit "$TIME_LIMIT"} --out "$dir" --no-progress "$@"
   done
 done
-python "$(dirname "$0")/results_table.py" "$out"
+"${PYTHON:-python}" "$(dirname "$0")/results_table.py" "$out"
