@@ -36,31 +36,42 @@ def test_state_dict_round_trip(emb):
     assert torch.equal(other(ids), emb(ids))
 
 
-def test_scoring_paths_agree_with_decoded_table(emb):
+# score() decodes fewer than M * K / d candidates (here 3 * 16 / 12 = 4) and reads S for more
+CANDIDATES = [1, 3, 4, 7]
+
+
+@pytest.mark.parametrize("t", CANDIDATES)
+def test_scoring_paths_agree_with_decoded_table(emb, t):
     seq = torch.randn(4, 12)
     table = emb.weight
     dense = seq @ table.T
     torch.testing.assert_close(emb.score_all(seq), dense, rtol=1e-5, atol=1e-5)
-    cand = torch.randint(0, 300, (4, 7))
+    cand = torch.randint(0, 300, (4, t))
     torch.testing.assert_close(emb.score(seq, cand), dense.gather(1, cand), rtol=1e-5, atol=1e-5)
-    shared = torch.tensor([3, 1, 4])
+    shared = torch.randperm(300)[:t]
     torch.testing.assert_close(emb.score(seq, shared), dense[:, shared], rtol=1e-5, atol=1e-5)
+    low = emb.score(seq.to(torch.bfloat16), cand)  # both paths score in float32
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, (seq.to(torch.bfloat16).float() @ table.T).gather(1, cand), rtol=1e-5, atol=1e-5)
     values, indices = emb.topk(seq, 10)
     assert_topk(emb.subitem_scores(seq), emb.codes, 10, values, indices)
     # sequence-shaped inputs keep their leading dims
     assert emb.score_all(torch.randn(2, 5, 12)).shape == (2, 5, 300)
-    assert emb.score(torch.randn(2, 5, 12), torch.randint(0, 300, (2, 5, 3))).shape == (2, 5, 3)
+    seqs, cands = torch.randn(2, 5, 12), torch.randint(0, 300, (2, 5, t))
+    torch.testing.assert_close(emb.score(seqs, cands), (seqs.unsqueeze(-2) * table[cands]).sum(-1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dim=12"):
+        emb.score(torch.randn(4, 10), cand)
 
 
 def _decode(sub, codes):
     return sub[torch.arange(codes.shape[1]), codes.long()].flatten(1)
 
 
-@pytest.mark.parametrize("path", ["forward", "score", "score_all", "topk"])
-def test_gradients_match_the_decoded_table(emb, path):
+@pytest.mark.parametrize("path,t", [("forward", 5), ("score", 2), ("score", 5), ("score_all", 5), ("topk", 5)])
+def test_gradients_match_the_decoded_table(emb, path, t):
     """Each path's gradient w.r.t. the sub-item embeddings equals the one through the table."""
-    seq, w = torch.randn(4, 12), torch.randn(4, 5)
-    cand, ids = torch.randint(0, 300, (4, 5)), torch.tensor([1, 2, 3, 2])
+    seq, w = torch.randn(4, 12), torch.randn(4, t)
+    cand, ids = torch.randint(0, 300, (4, t)), torch.tensor([1, 2, 3, 2])
     _, top = emb.topk(seq, 5)
     losses = {  # (through PQEmbedding, through the decoded table)
         "forward": (lambda: (emb(ids) * seq).sum(), lambda t: (t[ids] * seq).sum()),
@@ -83,6 +94,7 @@ def test_padding_idx_embeds_to_zero_and_is_never_recommended():
     seq = torch.randn(3, 12)
     assert (emb.score_all(seq)[:, 0] == 0).all()
     assert (emb.score(seq, torch.tensor([0, 4]))[:, 0] == 0).all()
+    assert (emb.score(seq, torch.tensor([0, 4, 1, 2, 3]))[:, 0] == 0).all()  # both paths
     # make the padding item's sub-items the best: it must still never be returned
     with torch.no_grad():
         for m in range(3):

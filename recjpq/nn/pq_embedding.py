@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from recjpq import ops
-from recjpq._validate import check_codes, check_tensor
+from recjpq.ops.subitem_scores import score_dtype
+from recjpq._validate import FLOAT_DTYPES, check_codes, check_tensor
 
 
 class PQEmbedding(nn.Module):
@@ -103,23 +104,35 @@ class PQEmbedding(nn.Module):
     def score(self, seq_emb: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
         """Scores of candidate items: ``seq_emb [..., dim]`` with ``item_ids [..., T]`` (same
         leading dims) or ``[T]`` (shared) -> ``[..., T]``."""
+        self._check_seq(seq_emb)
         self._check_ids("item_ids", item_ids)
+        if item_ids.dim() > 1 and item_ids.shape[:-1] != seq_emb.shape[:-1]:
+            raise ValueError(f"item_ids leading shape {tuple(item_ids.shape[:-1])} does not match "
+                             f"seq_emb leading shape {tuple(seq_emb.shape[:-1])}")
+        if item_ids.shape[-1] * self.embedding_dim < self.num_splits * self.num_codes:
+            # few candidates (sampled-softmax targets and negatives): decoding their T x d rows
+            # costs less than the M x K table S, in time and in memory
+            rows = self(item_ids)  # padding rows are zero
+            dtype = score_dtype(seq_emb, rows)
+            q, rows = seq_emb.to(dtype), rows.to(dtype)
+            return (q @ rows.t() if item_ids.dim() == 1 else (rows @ q.unsqueeze(-1)).squeeze(-1)).float()
         S = self.subitem_scores(seq_emb)  # [..., M, K]
         item_codes = self.codes[item_ids.long()].long()  # [..., T, M] or [T, M]
         if item_ids.dim() == 1:
             item_codes = item_codes.expand(*seq_emb.shape[:-1], *item_codes.shape)
-        elif item_ids.shape[:-1] != seq_emb.shape[:-1]:
-            raise ValueError(f"item_ids leading shape {tuple(item_ids.shape[:-1])} does not match "
-                             f"seq_emb leading shape {tuple(seq_emb.shape[:-1])}")
         # gather S[..., m, code[..., t, m]] for all t: index along K with a [..., M, T] tensor
         picked = torch.gather(S, -1, item_codes.transpose(-1, -2))
         scores = picked.sum(-2)
         keep = self._not_padding(item_ids)
         return scores if keep is None else scores * keep.to(scores.dtype)
 
-    def _flat_table(self, seq_emb: torch.Tensor) -> torch.Tensor:
-        if seq_emb.shape[-1] != self.embedding_dim:
+    def _check_seq(self, seq_emb: torch.Tensor) -> None:
+        check_tensor("seq_emb", seq_emb, dtypes=FLOAT_DTYPES)
+        if seq_emb.dim() < 1 or seq_emb.shape[-1] != self.embedding_dim:
             raise ValueError(f"seq_emb must end in dim={self.embedding_dim}, got shape {tuple(seq_emb.shape)}")
+
+    def _flat_table(self, seq_emb: torch.Tensor) -> torch.Tensor:
+        self._check_seq(seq_emb)
         return self.subitem_scores(seq_emb.reshape(-1, self.embedding_dim))
 
     def score_all(self, seq_emb: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -5,6 +5,11 @@ import torch
 from recjpq._validate import FLOAT_DTYPES, check_same_device, check_tensor
 
 
+def score_dtype(query: torch.Tensor, embeddings: torch.Tensor) -> torch.dtype:
+    """Scores accumulate in float32 at least, whatever the inputs' precision."""
+    return torch.promote_types(torch.promote_types(query.dtype, embeddings.dtype), torch.float32)
+
+
 def subitem_scores(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """The sub-item score table S: ``S[..., m, k] = query[..., m-th chunk] . centroids[m, k]``.
 
@@ -24,5 +29,5 @@ def subitem_scores(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor
     if d // m != dsub:
         raise ValueError(f"centroids have sub-dimension {dsub} but query dim d={d} with M={m} needs {d // m}")
     chunks = query.reshape(*query.shape[:-1], m, dsub)
-    dtype = torch.promote_types(torch.promote_types(query.dtype, centroids.dtype), torch.float32)
+    dtype = score_dtype(query, centroids)
     return torch.einsum("...md,mkd->...mk", chunks.to(dtype), centroids.to(dtype)).float()
