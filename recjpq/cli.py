@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--negatives", type=_positive_int, default=d.negatives, help="bce/gbce negatives")
     train.add_argument("--gbce-t", type=float, default=d.gbce_t)
     train.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    train.add_argument("--bucket-by-length", action="store_true",
+                       help="batch sequences of similar length (SASRec/BERT4Rec pad each batch to its longest)")
     train.add_argument("--lr", type=float, default=d.lr)
     train.add_argument("--weight-decay", type=float, default=d.weight_decay)
     train.add_argument("--epochs", type=_positive_int, default=d.epochs)

@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from recjpq import codes as codes_lib
-from recjpq.data import LeaveOneOut, SequenceData, batches, leave_one_out, pad_left, train_interactions
+from recjpq.data import (LeaveOneOut, SequenceData, batches, leave_one_out, length_batches, pad_left,
+                         train_interactions)
 from recjpq.evaluation import evaluate
 from recjpq.models import (EMBEDDINGS, LOSSES, MODELS, SequentialRecommender, build_model, gbce,
                            sample_negatives, sampled_bce, softmax_cross_entropy)
@@ -29,8 +30,11 @@ class TrainConfig:
     keep the model's defaults. ``patience`` counts validations without improvement;
     ``max_steps`` and ``time_limit`` (seconds) cap training (CI, benchmarks). ``backend``
     pins the ``recjpq.backends`` that RecJPQ scoring runs on (None: the fastest available).
-    ``shard_catalogue`` (under torchrun, RecJPQ with loss 'ce') splits the output layer's items
-    over the ranks (see ``recjpq.distributed.training``); with one process it changes nothing.
+    ``bucket_by_length`` batches sequences of similar length (``recjpq.data.length_batches``);
+    with it, SASRec and BERT4Rec, which pad each batch only to its longest sequence, skip most
+    of the padding on data with short histories. ``shard_catalogue`` (under torchrun, RecJPQ
+    with loss 'ce') splits the output layer's items over the ranks (see
+    ``recjpq.distributed.training``); with one process it changes nothing.
     """
 
     model: str = "sasrec"
@@ -47,6 +51,7 @@ class TrainConfig:
     negatives: int = 256
     gbce_t: float = 0.75
     batch_size: int = 128
+    bucket_by_length: bool = False
     lr: float = 1e-3
     weight_decay: float = 0.01
     epochs: int = 100
@@ -163,17 +168,17 @@ def fit(data: SequenceData, config: TrainConfig, *, progress: bool = True,
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
-        bar = tqdm(list(batches(len(train), config.batch_size, rng)), desc=f"epoch {epoch}",
+        order = (length_batches([min(len(s), width) for s in train], config.batch_size, rng)
+                 if config.bucket_by_length else list(batches(len(train), config.batch_size, rng)))
+        bar = tqdm(order, desc=f"epoch {epoch}",
                    disable=None if progress else True, leave=False)  # None: no bar off a terminal (logs, CI)
         epoch_loss, seen, epoch_start, done = 0.0, 0, time.perf_counter(), False
         for idx in bar:
-            if parallel is None:
-                loss = training_loss(model, pad_left([train[j] for j in idx], width).to(config.device), config, rng,
-                                     generator)
-            elif len(idx) < parallel.world_size:
+            if parallel is not None and len(idx) < parallel.world_size:
                 continue  # a last batch too small to give every rank a sequence
-            else:
-                loss = parallel.loss(pad_left([train[j] for j in parallel.rows(idx)], width).to(config.device))
+            rows = [train[j] for j in (idx if parallel is None else parallel.rows(idx))]
+            seqs = pad_left(rows, model.batch_width(rows, width)).to(config.device)
+            loss = training_loss(model, seqs, config, rng, generator) if parallel is None else parallel.loss(seqs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from recjpq.data import (DataFormatError, generate_sequences, leave_one_out, load_interactions, pad_left,
-                         train_interactions)
+from recjpq.data import (DataFormatError, batches, generate_sequences, leave_one_out, length_batches,
+                         load_interactions, pad_left, train_interactions)
 
 ML1M = "/work/shared/data/ml-1m/ml-1m.txt"
 
@@ -79,6 +79,22 @@ def test_leave_one_out():
 def test_pad_left_keeps_the_newest_items():
     out = pad_left([np.array([1, 2, 3, 4, 5]), np.array([9]), np.array([], dtype=np.int64)], 3)
     assert out.tolist() == [[3, 4, 5], [0, 0, 9], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("num, batch_size, pool", [(1, 4, 3), (257, 16, 3), (300, 7, 50)])
+def test_length_batches_cover_every_index_once_with_similar_lengths(num, batch_size, pool):
+    lengths = np.random.default_rng(1).integers(1, 60, num)
+    out = length_batches(lengths, batch_size, np.random.default_rng(0), pool=pool)
+    assert sorted(np.concatenate(out).tolist()) == list(range(num))
+    assert all(1 <= len(b) <= batch_size for b in out)
+    again = length_batches(lengths, batch_size, np.random.default_rng(0), pool=pool)
+    assert all(np.array_equal(a, b) for a, b in zip(out, again))  # the seed fixes the order
+    if num > pool * batch_size:  # several pools: batches mix them in a shuffled order
+        firsts = [int(b[0]) for b in out]
+        assert firsts != sorted(firsts)
+    spread = np.mean([np.ptp(lengths[b]) for b in out])
+    shuffled = np.mean([np.ptp(lengths[b]) for b in batches(num, batch_size, np.random.default_rng(0))])
+    assert num == 1 or spread < shuffled / 2
 
 
 def test_synthetic_is_deterministic_and_sequential():

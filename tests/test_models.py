@@ -43,6 +43,21 @@ def test_shapes_padding_and_batch_independence(name, embedding):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
+def test_padding_invariance_flag_is_true(name):
+    """Models that declare ``padding_invariant`` give the same outputs at the real positions
+    however far a batch is left-padded (training pads each batch only to its longest sequence);
+    GRU4Rec, whose state runs through the padding, must not declare it."""
+    model = _model(name, "recjpq")
+    short = _seqs(batch=3, length=7, seed=1)  # rows with 1, 5 and 7 real items
+    seqs = torch.cat([torch.zeros(3, 2, dtype=short.dtype), short], 1)  # the same rows, 2 more pads
+    same = torch.allclose(model.encode(seqs)[:, 2:], model.encode(short), rtol=1e-5, atol=1e-6)
+    assert same == model.padding_invariant == (name != "gru4rec")
+    rows = [np.arange(1, 4), np.arange(1, 7)]
+    assert model.batch_width(rows, 9) == (6 if model.padding_invariant else 9)
+    assert model.batch_width(rows, 5) == 5
+
+
+@pytest.mark.parametrize("name", list(MODELS))
 def test_recjpq_scores_match_decoded_table(name):
     model = _model(name, "recjpq")
     q = model.query(_seqs())

@@ -33,6 +33,24 @@ def test_loss_falls_and_metrics_are_computed(tiny, model, embedding, loss):
     assert result.summary()["dense_item_embedding_params"] == 61 * 16
 
 
+@pytest.mark.parametrize("model", ["sasrec", "bert4rec", "gru4rec"])
+def test_bucket_by_length_trains_on_trimmed_batches(tiny, model, monkeypatch):
+    import recjpq.training as training
+
+    widths, real = [], training.training_loss
+    monkeypatch.setattr(training, "training_loss", lambda m, seqs, *a, **kw: widths.append(seqs.shape[1]) or
+                        real(m, seqs, *a, **kw))
+    config = _config(model=model, embedding="recjpq", max_len=30, bucket_by_length=True)
+    result = fit(tiny, config, progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0] and 0 <= result.test["ndcg@10"] <= 1
+    full = config.max_len + (model != "bert4rec")
+    if model == "gru4rec":  # its state runs through the padding: always the full width
+        assert set(widths) == {full}
+    else:
+        assert min(widths) < full / 2 and max(widths) <= full
+
+
 def test_recjpq_item_parameters_and_train_only_codes(tiny, monkeypatch):
     import recjpq.training as training
 

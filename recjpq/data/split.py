@@ -70,3 +70,18 @@ def batches(num: int, batch_size: int, generator: np.random.Generator | None = N
     order = np.arange(num) if generator is None else generator.permutation(num)
     for start in range(0, num, batch_size):
         yield order[start:start + batch_size]
+
+
+def length_batches(lengths, batch_size: int, generator: np.random.Generator, pool: int = 50) -> list[np.ndarray]:
+    """Shuffled index batches of sequences of similar length, so a batch padded to its longest
+    sequence carries little padding. Indices are shuffled, cut into pools of ``pool`` batches,
+    each pool sorted by length and cut into batches, and the batches shuffled: every index once,
+    and batches still mix users from the whole data."""
+    lengths = np.asarray(lengths)
+    order = generator.permutation(len(lengths))
+    out = []
+    for start in range(0, len(order), pool * batch_size):
+        chunk = order[start:start + pool * batch_size]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        out.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [out[i] for i in generator.permutation(len(out))]

@@ -84,6 +84,14 @@ class SequentialRecommender(nn.Module):
     config: dict
     #: the ``recjpq.backends`` name RecJPQ scoring runs on (None: the fastest available)
     ops_backend: str | None = None
+    #: True where extra left padding cannot change the outputs at real positions (self-attention
+    #: with padding keys masked and right-aligned positions; not a GRU, whose state runs through it)
+    padding_invariant: bool = False
+
+    def batch_width(self, sequences, width: int) -> int:
+        """The padded width for a training batch: its longest sequence where padding is
+        invisible to the model (less work for short sequences), else ``width``."""
+        return min(width, max(1, max(len(s) for s in sequences))) if self.padding_invariant else width
 
     @property
     def scorer(self) -> ItemScorer:

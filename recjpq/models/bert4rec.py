@@ -16,6 +16,8 @@ class BERT4Rec(SequentialRecommender):
     the catalogue and its codes stay exactly the items. Prediction appends a mask to the history.
     """
 
+    padding_invariant = True
+
     def __init__(self, num_items: int, dim: int = 64, *, item_embedding: str = "dense",
                  codes: torch.Tensor | None = None, num_codes: int = 256, num_layers: int = 2,
                  num_heads: int = 2, dropout: float = 0.2, max_len: int = 200, mask_prob: float = 0.2):

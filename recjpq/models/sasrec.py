@@ -18,6 +18,8 @@ class CausalTraining:
 class SASRec(CausalTraining, SequentialRecommender):
     """SASRec (Kang & McAuley, 2018): causal self-attention over the item sequence."""
 
+    padding_invariant = True
+
     def __init__(self, num_items: int, dim: int = 64, *, item_embedding: str = "dense",
                  codes: torch.Tensor | None = None, num_codes: int = 256, num_layers: int = 2,
                  num_heads: int = 1, dropout: float = 0.2, max_len: int = 200):
