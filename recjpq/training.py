@@ -162,14 +162,15 @@ def fit(data: SequenceData, config: TrainConfig, *, progress: bool = True,
     # causal models need a next item to predict; they see max_len inputs plus one target
     train = [s for s in split.train if len(s) >= (2 if causal else 1)]
     width = config.max_len + (1 if causal else 0)
+    lengths = [min(len(s), width) for s in train]  # for bucket_by_length
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     result = TrainResult(model, config)
     best_state, best_score, stale, step = None, -1.0, 0, 0
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
-        order = (length_batches([min(len(s), width) for s in train], config.batch_size, rng)
-                 if config.bucket_by_length else list(batches(len(train), config.batch_size, rng)))
+        order = (length_batches(lengths, config.batch_size, rng) if config.bucket_by_length
+                 else list(batches(len(train), config.batch_size, rng)))
         bar = tqdm(order, desc=f"epoch {epoch}",
                    disable=None if progress else True, leave=False)  # None: no bar off a terminal (logs, CI)
         epoch_loss, seen, epoch_start, done = 0.0, 0, time.perf_counter(), False
