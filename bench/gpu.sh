@@ -54,12 +54,9 @@ run_models() {
   local data=${1:?usage: bash bench/gpu.sh models DATA_FILE [recjpq train arguments...]}; shift
   local name; name=$(basename "${data%.*}")
   local runs=${RUNS_DIR:-/tmp/recjpq-runs}/$name
-  local count=$(( $(wc -w <<< "${MODELS:-sasrec gru4rec bert4rec}") * $(wc -w <<< "${VARIANTS:-dense recjpq-svd recjpq-random}") ))
-  local each=$(( (LIMIT_S - SECONDS - 30) / count - 45 ))  # 45 s per run for codes, the test evaluation and saving
-  [ "$each" -lt 30 ] && { echo "no time left for $count training runs"; status=1; return; }
-  echo "== $count training runs on $data, at most ${TIME_LIMIT:-$each}s of training each"
-  PYTHON=$PY THREADS=${THREADS:-8} TIME_LIMIT=${TIME_LIMIT:-$each} bash scripts/run_table.sh "$data" "$runs" --device "${DEVICE:-cuda}" "$@" 2>&1 \
-    | tee "$OUT/models_$name.log" || status=1
+  echo "== training runs on $data, sharing $(( LIMIT_S - SECONDS - 30 ))s"
+  PYTHON=$PY THREADS=${THREADS:-8} TIME_BUDGET=$(( LIMIT_S - SECONDS - 30 )) bash scripts/run_table.sh "$data" "$runs" \
+    --device "${DEVICE:-cuda}" "$@" 2>&1 | tee "$OUT/models_$name.log" || status=1
   for metrics in "$runs"/*/metrics.json; do
     [ -f "$metrics" ] && cp "$metrics" "$OUT/models_${name}_$(basename "$(dirname "$metrics")").json"
   done

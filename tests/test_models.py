@@ -43,7 +43,7 @@ def test_shapes_padding_and_batch_independence(name, embedding):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_padding_invariance_flag_is_true(name):
+def test_padding_invariant_flag_matches_behaviour(name):
     """Models that declare ``padding_invariant`` give the same outputs at the real positions
     however far a batch is left-padded (training pads each batch only to its longest sequence);
     GRU4Rec, whose state runs through the padding, must not declare it."""
