@@ -1,11 +1,14 @@
 """``recjpq serve``: a real uvicorn server on a loopback port, spoken to over HTTP with httpx."""
 import asyncio
+import io
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -323,3 +326,120 @@ def test_cli_serve_subcommand(checkpoint):
     log = proc.stdout.read().decode()
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status reports it
     assert "Application shutdown complete" in log and rc == -signal.SIGTERM, (rc, log)
+
+
+def test_integers_beyond_the_parser_digit_limit_are_422(recommender):
+    # CPython refuses to convert integers of more than 4,300 digits (a ValueError inside json.loads)
+    bodies = ['{"history": [1000], "k": ' + "9" * 5000 + "}", '{"history": [' + "1" * 5000 + "]}",
+              '{"history": [1000], "kk": -' + "1" * 4301 + "}"]
+    running = Running(create_app(recommender, max_wait_ms=0))  # default body limit: 1 MiB
+    try:
+        for body in bodies:
+            r = httpx.post(running.url + "/recommend", content=body)
+            assert r.status_code == 422, r.text
+            assert "integer of more than 4300 digits" in r.json()["detail"]
+        metrics = httpx.get(running.url + "/metrics").text
+    finally:
+        running.stop()
+    assert _status_count(metrics, "/recommend", 422) == len(bodies)
+
+
+@pytest.mark.parametrize("length, status", [("9" * 5000, 413), ("\u00b2", 422)])
+def test_odd_content_length_headers_are_4xx(recommender, length, status):
+    # uvicorn refuses these headers itself; other ASGI servers may hand them to the app, so call it directly
+    app = create_app(recommender)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/recommend", "raw_path": b"/recommend", "query_string": b"", "root_path": "",
+             "headers": [(b"content-length", length.encode("latin-1"))], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == status, sent
+
+
+class _FailingRecommender(Recommender):
+    def recommend(self, queries):
+        raise RuntimeError("the kernel fell over")
+
+
+def _status_count(text, endpoint, status):
+    name = f'recjpq_requests_total{{endpoint="{endpoint}",status="{status}"}}'
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)), 0.0)
+
+
+def test_unexpected_errors_are_counted_500s_with_a_json_body(recommender):
+    failing = _FailingRecommender(recommender.model, RAW_IDS, max_k=MAX_K)
+    running = Running(create_app(failing, max_wait_ms=0))
+    log = _capture_server_log()
+    try:
+        for _ in range(3):
+            r = httpx.post(running.url + "/recommend", json={"history": ["1000"]}, timeout=30)
+            assert r.status_code == 500
+            assert r.json() == {"detail": "internal server error: RuntimeError: the kernel fell over"}
+        metrics = httpx.get(running.url + "/metrics").text
+        assert _status_count(metrics, "/recommend", 500) == 3
+        assert httpx.get(running.url + "/healthz").status_code == 200  # the server lives on
+    finally:
+        running.stop()
+        logging.getLogger("uvicorn.error").removeHandler(log)
+    text = log.stream.getvalue()
+    assert text.count("RuntimeError: the kernel fell over") == 3 and "Traceback" not in text, text
+
+
+def _capture_server_log():
+    handler = logging.StreamHandler(io.StringIO())
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    return handler
+
+
+def test_clients_hanging_up_mid_body_are_counted_quietly(recommender):
+    running = Running(create_app(recommender))
+    log = _capture_server_log()
+    port = int(running.url.rsplit(":", 1)[1])
+    stalled = 50
+    try:
+        sockets = []
+        for _ in range(stalled):  # each promises 1,000 bytes, sends 10, then hangs up
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"POST /recommend HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"history\"")
+            sockets.append(s)
+        for s in sockets:
+            s.close()
+        deadline = time.monotonic() + 20
+        while True:
+            metrics = httpx.get(running.url + "/metrics").text
+            if _status_count(metrics, "/recommend", 499) >= stalled or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert _status_count(metrics, "/recommend", 499) == stalled, metrics
+        assert httpx.post(running.url + "/recommend", json={"history": ["1000"]}).status_code == 200
+    finally:
+        running.stop()
+        logging.getLogger("uvicorn.error").removeHandler(log)
+    text = log.stream.getvalue()
+    assert "Exception in ASGI application" not in text and "ClientDisconnect" not in text, text
+
+
+def test_non_finite_weights_are_refused_at_load(recommender, tmp_path):
+    model = build_model("sasrec", NUM_ITEMS, codes=recommender.model.item_embedding.codes, dim=12,
+                        item_embedding="recjpq", num_codes=8, num_layers=1, num_heads=1, dropout=0.0,
+                        max_len=MAX_LEN)
+    model.load_state_dict(recommender.model.state_dict())
+    with torch.no_grad():
+        model.encoder.norm.weight[3] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite .*encoder\.norm\.weight"):
+        Recommender(model, RAW_IDS)
+    path = tmp_path / "nan.pt"
+    save_checkpoint(path, model, {"item_ids": RAW_IDS})
+    # `recjpq serve` exits at once with a message, never listening with a model that fails every request
+    proc = subprocess.run([sys.executable, "-m", "recjpq", "--threads", "1", "serve", str(path), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "non-finite" in proc.stderr and "encoder.norm.weight" in proc.stderr and "Traceback" not in proc.stderr

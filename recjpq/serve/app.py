@@ -3,17 +3,21 @@
 Endpoints: ``POST /recommend``, ``POST /recommend/batch``, ``GET /healthz``, ``GET /metrics``.
 Bodies are read and checked here by hand, so every bad input gets a 4xx whose message names the
 problem: 400 malformed JSON, 413 body over ``max_body_bytes``, 422 a well-formed body with bad
-values (wrong types, empty history, unknown item ids, k out of range, too many users), 503 while
-shutting down.
+values (wrong types, empty history, unknown item ids, k out of range, integers too long to parse,
+too many users), 503 while shutting down. Anything unexpected becomes a 500 with a JSON body; a
+client that hangs up before its answer is counted as 499. Every response is counted in /metrics.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import sys
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.requests import ClientDisconnect
 
 from recjpq.serve.batcher import BatcherClosed, MicroBatcher
 from recjpq.serve.engine import Recommendation, Recommender
@@ -22,6 +26,8 @@ from recjpq.serve.metrics import CONTENT_TYPE, Metrics
 ENDPOINTS = ("/recommend", "/recommend/batch", "/healthz", "/metrics")
 SINGLE_FIELDS = {"history", "k", "exclude_seen"}
 BATCH_FIELDS = {"histories", "k", "exclude_seen"}
+CLIENT_CLOSED = 499  # nginx's status for a client that hung up before its answer; never sent
+log = logging.getLogger("uvicorn.error")  # the server's own log, formatted by uvicorn
 
 
 class BadRequest(Exception):
@@ -31,7 +37,12 @@ class BadRequest(Exception):
 
 
 class _RequestMetrics:
-    """ASGI middleware: count every HTTP response by endpoint and status, time it to its last byte."""
+    """ASGI middleware: count every HTTP response by endpoint and status, time it to its last byte.
+
+    It is also the last line of defence: an unexpected exception becomes a counted 500 with a JSON
+    body and one log line (no traceback), and a client that hangs up before its answer (starlette's
+    ``ClientDisconnect``, e.g. mid-body) is counted as 499 without a log line.
+    """
 
     def __init__(self, app, metrics: Metrics):
         self.app = app
@@ -42,7 +53,14 @@ class _RequestMetrics:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-        status = 500
+        status = None
+        recorded = False
+
+        def record(code: int) -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                self.metrics.observe_request(endpoint, code, time.perf_counter() - start)
 
         async def send_and_record(message):
             nonlocal status
@@ -50,15 +68,28 @@ class _RequestMetrics:
                 status = message["status"]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.metrics.observe_request(endpoint, status, time.perf_counter() - start)
+                record(status)
 
-        await self.app(scope, receive, send_and_record)
+        try:
+            await self.app(scope, receive, send_and_record)
+        except ClientDisconnect:
+            record(CLIENT_CLOSED)
+        except Exception as e:
+            log.error("%s %s failed: %s: %s", scope["method"], scope["path"], type(e).__name__, e)
+            if status is not None:  # too late for a 500: the client got a cut-off answer
+                record(status)
+                return
+            body = json.dumps({"detail": f"internal server error: {type(e).__name__}: {e}"}).encode()
+            await send_and_record({"type": "http.response.start", "status": 500,
+                                   "headers": [(b"content-type", b"application/json"),
+                                               (b"content-length", str(len(body)).encode())]})
+            await send_and_record({"type": "http.response.body", "body": body})
 
 
 async def _read_json(request: Request, max_bytes: int, fields: set[str]) -> dict:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise BadRequest(413, f"body of {declared} bytes exceeds the limit of {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > max_bytes):
+        raise BadRequest(413, f"body of {declared[:20]} bytes exceeds the limit of {max_bytes} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -68,6 +99,9 @@ async def _read_json(request: Request, max_bytes: int, fields: set[str]) -> dict
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BadRequest(400, f"malformed JSON: {e}") from None
+    except ValueError:  # well-formed, but int() refuses the digits (CPython's int_max_str_digits)
+        raise BadRequest(422, f"the body holds an integer of more than {sys.get_int_max_str_digits()} "
+                              "digits; k and item ids must be far shorter") from None
     if not isinstance(data, dict):
         raise BadRequest(422, f"body must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - fields)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from recjpq.checkpoint import load_checkpoint, nonfinite_tensors
 from recjpq.data.split import PAD, pad_left
 from recjpq.models import SequentialRecommender
 
@@ -45,6 +46,10 @@ class Recommender:
                  max_k: int = 1000):
         if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
             raise ValueError(f"max_k must be a positive int, got {max_k!r}")
+        bad = nonfinite_tensors(model.state_dict())
+        if bad:
+            raise ValueError(f"the model has non-finite (NaN or inf) weights in {', '.join(bad)}: every request "
+                             "would fail; refusing to serve it (a diverged training run?)")
         self.model = model.eval()
         self.backend = backend
         self.num_items = model.num_items
@@ -62,8 +67,6 @@ class Recommender:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs) -> Recommender:
-        from recjpq.checkpoint import load_checkpoint
-
         model, meta = load_checkpoint(path)
         return cls(model, meta.get("item_ids"), **kwargs)
 
