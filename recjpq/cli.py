@@ -130,6 +130,11 @@ def _train(args) -> None:
     print(json.dumps({k: summary[k] for k in ("ndcg@10", "recall@10", "item_embedding_params", "train_seconds")}))
 
 
+def _raw_item_ids(model, meta: dict) -> list[str]:
+    """The checkpoint's raw item ids; the model ids 1..N where it stores none (saved from Python)."""
+    return meta.get("item_ids") or [str(i) for i in range(1, model.num_items + 1)]
+
+
 def _evaluate(args) -> None:
     from recjpq.checkpoint import load_checkpoint
     from recjpq.data import leave_one_out, load_interactions
@@ -138,7 +143,7 @@ def _evaluate(args) -> None:
     model, meta = load_checkpoint(args.checkpoint)
     data = load_interactions(args.data, args.format, min_rating=args.min_rating)
     # express the data in the checkpoint's item ids; items it never saw cannot be ranked
-    index = {raw: pos + 1 for pos, raw in enumerate(meta["item_ids"])}
+    index = {raw: pos + 1 for pos, raw in enumerate(_raw_item_ids(model, meta))}
     sequences = [np.asarray([index.get(data.item_ids[i - 1], 0) for i in seq], dtype=np.int64)
                  for seq in data.sequences]
     unknown = sum(int((s == 0).sum()) for s in sequences)
@@ -154,7 +159,7 @@ def _recommend(args) -> None:
     from recjpq.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(args.checkpoint)
-    raw_ids = meta["item_ids"]
+    raw_ids = _raw_item_ids(model, meta)
     index = {raw: pos + 1 for pos, raw in enumerate(raw_ids)}
     history = [h.strip() for h in args.history.split(",") if h.strip()]
     unknown = [h for h in history if h not in index]
