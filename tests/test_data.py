@@ -119,3 +119,61 @@ def test_synthetic_is_deterministic_and_sequential():
 def test_ml1m_counts():
     data = load_interactions(ML1M)
     assert (len(data.sequences), data.num_items, data.num_interactions) == (6040, 3416, 999611)
+
+
+def test_binary_and_latin1_files_name_file_and_line(tmp_path):
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("user,item,timestamp\n1,caf\u00e9,1\n".encode("utf-8") + "2,na\u00efve,2\n".encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"latin1\.csv, line 3: not UTF-8 text \(byte 0xef at column 5\)"):
+        load_interactions(latin1)
+    # far beyond the text decoder's read-ahead block, so its own error could not name the line
+    text = tmp_path / "late.txt"
+    text.write_bytes(b"1 2\n" * 5000 + b"3 \xe9t\xe9\n")
+    with pytest.raises(DataFormatError, match=r"late\.txt, line 5001: not UTF-8"):
+        load_interactions(text)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(bytes(range(256)) * 4)  # byte 10 ends line 1; 0x80 is the first non-UTF-8 byte
+    with pytest.raises(DataFormatError, match=r"model\.pt, line 2: not UTF-8 text \(byte 0x80 .* binary file"):
+        load_interactions(binary)
+
+
+@pytest.mark.parametrize("name, text, line", [
+    ("long.txt", "1 2\n1 " + "7" * 5000 + "\n", 2),
+    ("long_seq.txt", "1 2 3\n2 4 5 " + "7" * 101 + " 6\n", 2),
+    ("long.csv", "user,item,timestamp\n1,2,3\n1," + "7" * 5000 + ",4\n", 3),
+])
+def test_overlong_numeric_ids_name_file_and_line(tmp_path, name, text, line):
+    with pytest.raises(DataFormatError, match=rf"{name}, line {line}: item id 777777777777\.\.\. has \d+ digits"):
+        load_interactions(_write(tmp_path, name, text))
+
+
+def test_long_non_numeric_ids_and_odd_digits_are_fine(tmp_path):
+    long_id = "x" * 5000
+    data = load_interactions(_write(tmp_path, "ok.txt", f"1 {long_id}\n1 \u00b2\n1 --5\n1 03\n1 3\n1 -2\n"))
+    assert data.item_ids == ["-2", "03", "3", "--5", long_id, "\u00b2"]  # numbers first, then strings
+
+
+def test_csv_with_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfuser,item,timestamp\n1,5,2\n1,4,1\n")
+    data = load_interactions(path)
+    assert data.user_ids == ["1"] and [data.item_ids[i - 1] for i in data.sequences[0]] == ["4", "5"]
+    text = tmp_path / "bom.txt"  # without the skip, the first user would be '\ufeff1', not '1'
+    text.write_bytes(b"\xef\xbb\xbf1 5\n1 4\n")
+    assert load_interactions(text).user_ids == ["1"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", "NaN"])
+def test_non_finite_timestamps_and_ratings_name_file_and_line(tmp_path, value):
+    path = _write(tmp_path, "t.csv", f"user,item,timestamp,rating\n1,2,3,5\n1,3,{value},5\n")
+    with pytest.raises(DataFormatError, match=rf"t\.csv, line 3: timestamp '{value}' is not a finite number"):
+        load_interactions(path)
+    path = _write(tmp_path, "r.csv", f"user,item,timestamp,rating\n1,2,3,5\n1,3,4,{value}\n")
+    with pytest.raises(DataFormatError, match=rf"r\.csv, line 3: rating '{value}' is not a finite number"):
+        load_interactions(path, min_rating=3)
+
+
+def test_csv_field_over_the_size_limit_names_the_line(tmp_path):
+    path = _write(tmp_path, "big.csv", 'user,item,timestamp\n1,2,3\n1,"' + "x" * 200_000 + '",4\n')
+    with pytest.raises(DataFormatError, match=r"big\.csv, line 3: field larger than field limit"):
+        load_interactions(path)
