@@ -79,7 +79,8 @@ class _RequestMetrics:
             if status is not None:  # too late for a 500: the client got a cut-off answer
                 record(status)
                 return
-            body = json.dumps({"detail": f"internal server error: {type(e).__name__}: {e}"}).encode()
+            # the message stays in the log: it may quote internals a client should not see
+            body = json.dumps({"detail": f"internal server error ({type(e).__name__}); see the server log"}).encode()
             await send_and_record({"type": "http.response.start", "status": 500,
                                    "headers": [(b"content-type", b"application/json"),
                                                (b"content-length", str(len(body)).encode())]})
