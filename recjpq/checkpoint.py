@@ -58,6 +58,9 @@ def _feed(h, value) -> None:
     """Hash ``value`` (nested dicts/lists/tuples of tensors and plain values) with types and sizes,
     so no two different values feed the same bytes."""
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_meta or value.is_quantized:
+            raise TypeError(f"a checkpoint holds dense tensors with data, not a {value.layout} "
+                            f"{value.device.type} {value.dtype} tensor")
         flat = value.detach().cpu().contiguous().reshape(-1)
         h.update(f"tensor {flat.dtype} {tuple(value.shape)}\n".encode())
         h.update(flat.view(torch.uint8).numpy())
@@ -116,14 +119,14 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
                 continue
             try:
                 age = now - entry.stat(follow_symlinks=False).st_mtime
-            except FileNotFoundError:  # its save finished meanwhile
+            except OSError:  # its save finished meanwhile
                 continue
             dead_writer = (match["pid"] is not None and match["host"] == _HOST and os.name == "posix"
                            and not _pid_alive(int(match["pid"])))
             if dead_writer or age > STALE_TEMP_SECONDS:
                 try:
                     os.unlink(entry.path)
-                except FileNotFoundError:  # another save cleaned it first
+                except OSError:  # another save cleaned it first, or it is not ours to delete: best effort
                     continue
                 removed.append(entry.path)
     return removed
@@ -189,7 +192,7 @@ def _check_tensors(state_dict, expected: dict) -> str | None:
     for name, want in expected.items():
         got = state_dict[name]
         same_kind = got.is_floating_point() if want.is_floating_point() else got.dtype == want.dtype
-        if got.shape != want.shape or not same_kind:
+        if got.shape != want.shape or not same_kind or got.layout != torch.strided or got.is_meta:
             return (f"weights do not match the saved config: {name} is {tuple(got.shape)} {got.dtype}, "
                     f"the config builds {tuple(want.shape)} {want.dtype}")
         if not want.is_meta and not torch.equal(got, want):
@@ -251,8 +254,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[Sequen
     else:
         try:
             stored, actual = payload.get("checksum"), checksum(payload)
-        except RecursionError:
-            raise fail("content nested too deeply") from None
+        except (RecursionError, TypeError) as e:
+            raise fail(f"content cannot be verified: {'nested too deeply' if isinstance(e, RecursionError) else e}"
+                       ) from None
         if stored != actual:
             raise fail("checksum mismatch: the file changed after it was written (bit flips, a bad copy)"
                        if isinstance(stored, str) else "no checksum: version 2 files must have one")

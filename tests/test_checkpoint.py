@@ -58,7 +58,10 @@ def _craft(path, payload, rehash=True):
     """Write ``payload`` as a checkpoint file, with a valid checksum unless ``rehash`` is False, so
     that the content checks, not the checksum, must catch it."""
     if rehash and isinstance(payload, dict) and all(k in payload for k in ckpt.PAYLOAD_KEYS):
-        payload = {**payload, "checksum": checksum(payload)}
+        try:
+            payload = {**payload, "checksum": checksum(payload)}
+        except TypeError:  # content no save could write: the load must refuse it all the same
+            pass
     torch.save(payload, path)
     return path
 
@@ -114,6 +117,10 @@ CRAFTED = {  # name: (payload -> crafted payload, message)
     "wrong shape": (lambda p: _state(p, "encoder.norm.weight", torch.ones(9)), r"encoder.norm.weight is \(9,\)"),
     "integer weight": (lambda p: _state(p, "encoder.norm.weight", torch.ones(8, dtype=torch.int64)),
                        "encoder.norm.weight is .* torch.int64"),
+    "sparse weight": (lambda p: _state(p, "encoder.norm.weight", torch.ones(8).to_sparse()),
+                      "cannot be verified: .* not a torch.sparse_coo"),
+    "meta-device weight": (lambda p: _state(p, "encoder.norm.weight", torch.ones(8, device="meta")),
+                           "cannot be verified: .* meta"),
     "NaN weight": (lambda p: _state(p, "encoder.norm.weight", torch.full((8,), float("nan"))), "non-finite"),
     "inf weight": (lambda p: _state(p, "item_embedding.subitem_embeddings",
                                     p["state_dict"]["item_embedding.subitem_embeddings"] / 0), "non-finite"),
