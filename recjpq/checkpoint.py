@@ -71,7 +71,7 @@ def _feed(h, value) -> None:
             _feed(h, item)
     elif isinstance(value, (list, tuple)) and all(type(item) is str for item in value):  # item ids: fast
         data = [item.encode("utf-8", "surrogatepass") for item in value]
-        h.update(f"{type(value).__name__} of str {' '.join(str(len(d)) for d in data)}\n".encode())
+        h.update(f"{type(value).__name__} of str {' '.join(map(str, map(len, data)))}\n".encode())
         h.update(b"".join(data))
     elif isinstance(value, (list, tuple)):
         h.update(f"{type(value).__name__} {len(value)}\n".encode())
