@@ -73,7 +73,7 @@ def check_values(S, codes, exclude=None) -> None:
 
     # one reduction instead of a mask: a finite sum proves every entry finite; only an overflowing
     # (or non-finite) sum needs the elementwise test
-    if not math.isfinite(float(S.sum())) and not bool(torch.isfinite(S).all()):
+    if not math.isfinite(float(S.detach().sum())) and not bool(torch.isfinite(S).all()):
         raise ValueError("S contains non-finite values (nan or inf)")
     codes_info(codes).check_range(S.shape[2])
     if exclude is not None and exclude.numel():

@@ -5,12 +5,10 @@ table beats any per-item lookup scan. The table is decoded once per (codes, cent
 cached; a later call with the same tensors, unchanged, reuses it.
 
 The GEMM sums in its own order, so its scores ``a_i`` differ from the exact S sums ``x_i`` by
-at most ``margin`` (below). Each query keeps its ``k + EXTRA`` best approximate items; if the
-last of them scores below ``T - 2 * margin`` (``T`` = its k-th approximate score), every item
-that can reach the exact top-k, ties included, is among them (the proof in
-docs/triton-kernels.md, "Why no exact top-k item is dropped"), and they are rescored from S,
-splits added in order, into the reference's values, indices and tie order. Queries whose
-candidates do not fit are answered by the LUT scan.
+at most ``margin`` (``score_margin``). A pool of candidates per query is rescored from S, splits
+added in order, into the reference's values, indices and tie order, once the approximate scores
+prove that no item outside the pool can reach the pool's top-k (``matmul_topk``). Queries where
+the proof fails are answered by the LUT scan.
 """
 from __future__ import annotations
 
@@ -21,14 +19,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from recjpq.topk_keys import EMPTY_KEY, pack_keys, unpack_keys
 
-EXTRA = 8  # candidates beyond k per query: room for items within 2 * margin of the k-th score
+EXTRA = 4  # blocks kept beyond k (+ k / 4, for blocks holding several of the top k) per query
 _UNIT = 2.0 ** -23  # float32 rounding error bound per operation (twice round-to-nearest's 2^-24)
 _SAFE_BOUND = 2.0 ** 100  # |scores| bound under which no float32 partial sum can overflow
 
 
 class DecodedTable:
     """The decoded items transposed, ``[d, N]`` float32 (``torch.mm(q, table)`` reads it
-    row-major, measured faster than ``q @ items.T``), and per-dimension ``max |centroid|``."""
+    row-major, measured faster than ``q @ items.T``), per-dimension ``max |centroid|`` for the
+    margin, and the codes as offsets into a flattened S row for the rescoring."""
 
     def __init__(self, codes: torch.Tensor, centroids: torch.Tensor):
         m = codes.shape[1]
@@ -37,6 +36,8 @@ class DecodedTable:
             items = c[torch.arange(m, device=codes.device), codes.long()]  # [N, M, d/M]
             self.table = items.flatten(1).t().contiguous()
             self.abs_max = centroids.detach().double().abs().amax(dim=1).reshape(-1)  # [d]
+            # item i's entries of S flattened to [M * K]: codes[i, m] + m * K
+            self.flat_codes = codes.long() + torch.arange(m, device=codes.device) * centroids.shape[1]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -96,48 +97,74 @@ def score_margin(query: torch.Tensor, centroids: torch.Tensor, abs_max: torch.Te
     return 1.02 * (m * dsub + dsub + m + 3) * _UNIT * bound, bound
 
 
-def _round_down(x: torch.Tensor) -> torch.Tensor:
-    """float64 -> the largest float32 not above it."""
-    y = x.float()
-    return torch.where(y.double() > x, torch.nextafter(y, y.new_tensor(float("-inf"))), y)
-
-
-def exact_scores(S: torch.Tensor, codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def exact_scores(S: torch.Tensor, flat_codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``[B, C]`` scores of the items ``ids [B, C]`` from S, splits added in order m = 0..M-1 in
-    float32 as the reference does (bit-identical values; differentiable in S)."""
-    batch, m, _ = S.shape
-    rows = torch.arange(batch, device=S.device).view(batch, 1, 1)
-    picked = S[rows, torch.arange(m, device=S.device), codes[ids].long()]  # [B, C, M], any S strides
+    float32 as the reference does (bit-identical values; differentiable in S). ``flat_codes``:
+    ``DecodedTable.flat_codes``."""
+    batch, m, num_codes = S.shape
+    index = flat_codes.index_select(0, ids.reshape(-1)).view(batch, -1)
+    picked = S.contiguous().view(batch, m * num_codes).gather(1, index).view(*ids.shape, m)
     scores = picked[..., 0]
     for j in range(1, m):
         scores = scores + picked[..., j]
     return scores
 
 
+def _block_size(n: int, kept: int) -> int:
+    """Items per block: the largest power of 2 up to 64 that leaves at least 64 blocks per block
+    kept. torch.topk is quick when k * 64 <= columns (a partial sort), several times slower per
+    column below that (measured, torch 2.13 CPU); larger blocks mean fewer columns to select from
+    but a larger pool to rescore."""
+    s = 1
+    while s < 64 and n // (2 * s) >= 64 * kept:
+        s *= 2
+    return s
+
+
 def matmul_topk(query, centroids, S, codes, k, exclude, lut):
     """Exact top-k (``pq_topk_query``'s semantics) from the decoded table; ``lut(S_rows,
-    exclude_rows)`` answers the queries whose candidates overflow. Inputs are validated."""
+    exclude_rows)`` answers the queries whose candidates do not fit. Inputs are validated.
+
+    Items are grouped into blocks of s (block j: items j, j + N/s, j + 2N/s, ..., so that the
+    maxima are one strided reduction); each query keeps the ``k + EXTRA`` blocks with the largest
+    approximate maximum, plus the items past the last whole block, and rescores that pool exactly.
+    With ``x_k`` the pool's exact k-th score, k allowed items have ``a >= x_k - margin``, so the
+    global exact k-th score is at least ``x_k - 2 * margin`` and every item that reaches it, ties
+    included, has ``a >= x_k - 3 * margin``: if every block left out has its maximum below that,
+    the pool's top-k is the catalogue's (docs/cpu-kernel.md, "Dispatch and crossover").
+    """
     n = codes.shape[0]
+    batch = S.shape[0]
     table = decoded_table(codes, centroids)
+    inf = float("-inf")
     with torch.no_grad():
         approx = torch.mm(query.detach().float(), table.table)  # [B, N]
         if exclude is not None and exclude.numel():
             rows, cols = (exclude >= 0).nonzero(as_tuple=True)
-            approx[rows, exclude[rows, cols]] = float("-inf")
-        width = min(n, k + EXTRA)
-        top, ids = torch.topk(approx, width, dim=1)
-        margin, bound = score_margin(query, centroids, table.abs_max)
-        kth = top[:, k - 1]
-        threshold = _round_down(kth.double() - 2 * margin)
-        # kth = -inf: fewer than k allowed items, all of them among the candidates
-        fits = (top[:, -1] < threshold) | (kth == float("-inf")) | (width == n)
-        keys = pack_keys(exact_scores(S.detach(), codes, ids), ids).masked_fill_(top == float("-inf"), EMPTY_KEY)
+            approx[rows, exclude[rows, cols]] = inf
+        kept = k + EXTRA + k // 4
+        size = _block_size(n, kept)
+        num_blocks = n // size
+        if kept < num_blocks:
+            maxima = approx[:, :num_blocks * size].view(batch, size, num_blocks).amax(dim=1) if size > 1 else approx
+            top_max, blocks = torch.topk(maxima, kept, dim=1, sorted=False)
+            ids = (blocks.unsqueeze(2) + torch.arange(0, num_blocks * size, num_blocks)).view(batch, -1)
+            ids = torch.cat([ids, torch.arange(num_blocks * size, n).expand(batch, -1)], dim=1)
+            pool = approx.gather(1, ids)
+        else:  # the pool is the catalogue
+            top_max, ids, pool = None, torch.arange(n).expand(batch, -1), approx
+        keys = pack_keys(exact_scores(S.detach(), table.flat_codes, ids), ids).masked_fill_(pool == inf, EMPTY_KEY)
         values, indices = unpack_keys(torch.topk(keys, k, dim=1).values)
-        redo = (~fits | (bound >= _SAFE_BOUND)).nonzero().flatten()
-    if redo.numel():
+        margin, bound = score_margin(query, centroids, table.abs_max)
+        fits = bound < _SAFE_BOUND
+        if top_max is not None:
+            # x_k = -inf: fewer than k allowed items in the pool, so every block left out is all excluded
+            fits &= top_max.amin(dim=1).double() < values[:, k - 1].double() - 3 * margin
+        redo = None if bool(fits.all()) else (~fits).nonzero().flatten()
+    if redo is not None:
         rows_exclude = None if exclude is None else exclude[redo].contiguous()
         values[redo], indices[redo] = lut(S.detach()[redo].contiguous(), rows_exclude)
     if S.requires_grad:  # the same float32 sums again, recorded for autograd
         found = indices >= 0
-        values = exact_scores(S, codes, indices.clamp(min=0)).masked_fill(~found, float("-inf"))
+        values = exact_scores(S, table.flat_codes, indices.clamp(min=0)).masked_fill(~found, inf)
     return values, indices
