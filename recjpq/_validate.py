@@ -67,13 +67,14 @@ def check_topk_args(S, codes, k, exclude) -> None:
             raise ValueError(f"exclude has {exclude.shape[0]} rows but S has B={S.shape[0]} queries")
 
 
-def check_values(S, codes, exclude=None) -> None:
-    """Data checks; code ranges are checked once per codes tensor (see ``_codes_cache``)."""
+def check_values(S, codes, exclude=None, *, finite: bool = False) -> None:
+    """Data checks; code ranges are checked once per codes tensor (see ``_codes_cache``).
+    ``finite=True``: the caller has proved S finite (the decoded-table path bounds |S|)."""
     from recjpq._codes_cache import codes_info
 
     # one reduction instead of a mask: a finite sum proves every entry finite; only an overflowing
     # (or non-finite) sum needs the elementwise test
-    if not math.isfinite(float(S.detach().sum())) and not bool(torch.isfinite(S).all()):
+    if not finite and not math.isfinite(float(S.detach().sum())) and not bool(torch.isfinite(S).all()):
         raise ValueError("S contains non-finite values (nan or inf)")
     codes_info(codes).check_range(S.shape[2])
     if exclude is not None and exclude.numel():

@@ -184,3 +184,23 @@ def test_pq_embedding_topk_keeps_leading_dims_and_scan_algorithms():
     for algorithm in ("auto", "lut", "matmul", "exhaustive", "prune"):
         values, indices = emb.topk(seq, 4, algorithm=algorithm)
         assert torch.equal(values, ref[0]) and torch.equal(indices, ref[1]), algorithm
+
+
+@pytest.mark.parametrize("bad", ["nan query", "inf centroid", "overflow", "code range", "exclude range"])
+def test_matmul_rejects_bad_values_before_scoring(bad):
+    query, centroids, codes = catalogue(50, 2, 4)
+    exclude = None
+    if bad == "nan query":
+        query[1, 3] = float("nan")
+    elif bad == "inf centroid":
+        centroids[1, 2, 0] = float("inf")
+    elif bad == "overflow":  # finite inputs whose float32 products overflow
+        query, centroids = query * 1e30, centroids * 1e30
+    elif bad == "code range":
+        codes = codes.to(torch.int16)
+        codes[3, 1] = 16  # K = 16 sub-ids: 0..15
+    else:
+        exclude = torch.tensor([[50]] * 5)
+    match = {"code range": "codes must lie", "exclude range": "exclude ids"}.get(bad, "non-finite")
+    with pytest.raises(ValueError, match=match):
+        ops.pq_topk_query(query, centroids, codes, 3, exclude=exclude, algorithm="matmul")

@@ -17,6 +17,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from recjpq._validate import check_values
 from recjpq.topk_keys import EMPTY_KEY, pack_keys, unpack_keys
 
 EXTRA = 4  # blocks kept beyond k (+ k / 4, for blocks holding several of the top k) per query
@@ -27,7 +28,7 @@ _SAFE_BOUND = 2.0 ** 100  # |scores| bound under which no float32 partial sum ca
 class DecodedTable:
     """The decoded items transposed, ``[d, N]`` float32 (``torch.mm(q, table)`` reads it
     row-major, measured faster than ``q @ items.T``), per-dimension ``max |centroid|`` for the
-    margin, and the codes as offsets into a flattened S row for the rescoring."""
+    margin, and split-major int64 codes for the rescoring."""
 
     def __init__(self, codes: torch.Tensor, centroids: torch.Tensor):
         m = codes.shape[1]
@@ -36,8 +37,7 @@ class DecodedTable:
             items = c[torch.arange(m, device=codes.device), codes.long()]  # [N, M, d/M]
             self.table = items.flatten(1).t().contiguous()
             self.abs_max = centroids.detach().double().abs().amax(dim=1).reshape(-1)  # [d]
-            # item i's entries of S flattened to [M * K]: codes[i, m] + m * K
-            self.flat_codes = codes.long() + torch.arange(m, device=codes.device) * centroids.shape[1]
+            self.codes_t = codes.t().long().contiguous()  # [M, N], for the exact rescoring
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -97,17 +97,20 @@ def score_margin(query: torch.Tensor, centroids: torch.Tensor, abs_max: torch.Te
     return 1.02 * (m * dsub + dsub + m + 3) * _UNIT * bound, bound
 
 
-def exact_scores(S: torch.Tensor, flat_codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def exact_scores(S: torch.Tensor, codes_t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``[B, C]`` scores of the items ``ids [B, C]`` from S, splits added in order m = 0..M-1 in
-    float32 as the reference does (bit-identical values; differentiable in S). ``flat_codes``:
-    ``DecodedTable.flat_codes``."""
+    float32 as the reference does (bit-identical values; differentiable in S). ``codes_t``: the
+    split-major int64 codes ``[M, N]``. S is read split-major, the layout ``subitem_scores``
+    returns (no copy)."""
     batch, m, num_codes = S.shape
-    index = flat_codes.index_select(0, ids.reshape(-1)).view(batch, -1)
-    picked = S.contiguous().view(batch, m * num_codes).gather(1, index).view(*ids.shape, m)
-    scores = picked[..., 0]
+    rows = S.transpose(0, 1).reshape(m, batch * num_codes)
+    index = codes_t.index_select(1, ids.reshape(-1))  # [M, B * C]
+    index += (torch.arange(batch, device=S.device) * num_codes).repeat_interleave(ids.shape[1])
+    picked = rows.gather(1, index)
+    scores = picked[0]
     for j in range(1, m):
-        scores = scores + picked[..., j]
-    return scores
+        scores = scores + picked[j]
+    return scores.view(ids.shape)
 
 
 def _block_size(n: int, kept: int) -> int:
@@ -123,7 +126,8 @@ def _block_size(n: int, kept: int) -> int:
 
 def matmul_topk(query, centroids, S, codes, k, exclude, lut):
     """Exact top-k (``pq_topk_query``'s semantics) from the decoded table; ``lut(S_rows,
-    exclude_rows)`` answers the queries whose candidates do not fit. Inputs are validated.
+    exclude_rows)`` answers the queries whose candidates do not fit. Metadata are validated; the
+    values (code and exclusion ranges, a finite S) are checked here, before the GEMM.
 
     Items are grouped into blocks of s (block j: items j, j + N/s, j + 2N/s, ..., so that the
     maxima are one strided reduction); each query keeps the ``k + EXTRA`` blocks with the largest
@@ -135,7 +139,12 @@ def matmul_topk(query, centroids, S, codes, k, exclude, lut):
     """
     n = codes.shape[0]
     batch = S.shape[0]
+    check_values(S, codes, exclude, finite=True)  # code ranges first: decoding indexes with them
     table = decoded_table(codes, centroids)
+    margin, bound = score_margin(query, centroids, table.abs_max)
+    safe = bound < _SAFE_BOUND  # |S| <= bound: S is finite (nan and inf fail the comparison)
+    if not bool(safe.all()):
+        check_values(S, codes, exclude)  # the elementwise test, which raises on a non-finite S
     inf = float("-inf")
     with torch.no_grad():
         approx = torch.mm(query.detach().float(), table.table)  # [B, N]
@@ -153,10 +162,9 @@ def matmul_topk(query, centroids, S, codes, k, exclude, lut):
             pool = approx.gather(1, ids)
         else:  # the pool is the catalogue
             top_max, ids, pool = None, torch.arange(n).expand(batch, -1), approx
-        keys = pack_keys(exact_scores(S.detach(), table.flat_codes, ids), ids).masked_fill_(pool == inf, EMPTY_KEY)
+        keys = pack_keys(exact_scores(S.detach(), table.codes_t, ids), ids).masked_fill_(pool == inf, EMPTY_KEY)
         values, indices = unpack_keys(torch.topk(keys, k, dim=1).values)
-        margin, bound = score_margin(query, centroids, table.abs_max)
-        fits = bound < _SAFE_BOUND
+        fits = safe
         if top_max is not None:
             # x_k = -inf: fewer than k allowed items in the pool, so every block left out is all excluded
             fits &= top_max.amin(dim=1).double() < values[:, k - 1].double() - 3 * margin
@@ -166,5 +174,5 @@ def matmul_topk(query, centroids, S, codes, k, exclude, lut):
         values[redo], indices[redo] = lut(S.detach()[redo].contiguous(), rows_exclude)
     if S.requires_grad:  # the same float32 sums again, recorded for autograd
         found = indices >= 0
-        values = exact_scores(S, table.flat_codes, indices.clamp(min=0)).masked_fill(~found, inf)
+        values = exact_scores(S, table.codes_t, indices.clamp(min=0)).masked_fill(~found, inf)
     return values, indices

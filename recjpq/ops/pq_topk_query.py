@@ -81,7 +81,6 @@ def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Ten
         if exclude is not None:
             exclude = exclude.contiguous()
         codes = codes.contiguous()
-        check_values(S, codes, exclude)
         return _decoded.matmul_topk(query, centroids, S, codes, k, exclude,
                                     lambda rows, rows_exclude: run_topk(rows, codes, k, rows_exclude, backend, "auto"))
     if not decode:  # "lut"; "matmul" under torch.compile (data-dependent fallback), which gives the same result
