@@ -55,9 +55,13 @@ def check_table(S, codes) -> None:
 
 def check_topk_args(S, codes, k, exclude) -> None:
     check_table(S, codes)
+    check_k_exclude(k, codes.shape[0], exclude, S)
+
+
+def check_k_exclude(k, n: int, exclude, S) -> None:
+    """k and exclude for a top-k over N items, S ``[B, M, K]`` having passed ``check_table``."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    n = codes.shape[0]
     if k <= 0 or k > n:
         raise ValueError(f"k must be in [1, N={n}], got k={k}")
     if exclude is not None:

@@ -51,8 +51,13 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def prefers_matmul(batch: int, n: int, d: int, m: int, k: int, device: torch.device) -> bool:
-    """Whether ``algorithm="auto"`` takes the decoded table, from the shape grid's crossovers."""
-    return False
+    """Whether ``algorithm="auto"`` takes the decoded table: the crossovers of ``bench/shape_grid.py
+    --variants lut matmul`` (docs/cpu-kernel.md, "Dispatch and crossover"; 1 thread, N in 3.4k-100k,
+    B in 1-512). The GEMM pays for large batches over small catalogues with short sub-vectors (the
+    LUT scan's work grows with M, the GEMM's with d); k = 100 needs B = 512 and M >= 16."""
+    if batch < 64 or (k > 16 and (m < 16 or batch < 512)) or unavailable_reason(device) is not None:
+        return False
+    return n * (d // m) <= (60_000 if batch >= 512 else 40_000)
 
 
 def _key(t: torch.Tensor):

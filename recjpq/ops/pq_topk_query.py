@@ -8,11 +8,11 @@ from typing import Optional
 import torch
 
 from recjpq import backends
-from recjpq._validate import (FLOAT_DTYPES, check_codes, check_same_device, check_tensor, check_topk_args,
+from recjpq._validate import (FLOAT_DTYPES, check_codes, check_k_exclude, check_same_device, check_tensor,
                               check_values)
 from recjpq.ops import _decoded
 from recjpq.ops.pq_topk import _backward as _pq_topk_backward, _setup as _pq_topk_setup, run_topk
-from recjpq.ops.subitem_scores import subitem_scores
+from recjpq.ops.subitem_scores import check_subitem_args, scores_table
 
 # "decode*" differ in the tensor-core input precision (kernels/pq_decode_topk.py: DECODE_ALGORITHMS)
 ALGORITHMS = ("auto", "lut", "matmul", "decode", "decode_tf32x3", "decode_bf16")
@@ -63,17 +63,20 @@ def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Ten
     if decode and backend not in (None, "triton"):
         raise ValueError(f"algorithm={algorithm!r} runs only on the triton backend, got backend={backend!r}")
     check_tensor("query", query, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("centroids", centroids, ndim=3, dtypes=FLOAT_DTYPES)
+    check_subitem_args(query, centroids)
     check_codes(codes, centroids.shape[1])
     check_same_device(query=query, centroids=centroids, codes=codes, exclude=exclude)
     if centroids.shape[0] != codes.shape[1]:
         raise ValueError(f"centroids have M={centroids.shape[0]} splits but codes have M={codes.shape[1]}")
+    if query.shape[0] == 0 or centroids.shape[1] == 0:
+        raise ValueError(f"need B >= 1 queries and K >= 1 sub-ids, got query {tuple(query.shape)}, "
+                         f"centroids {tuple(centroids.shape)}")
     if algorithm == "matmul":
         reason = _decoded.unavailable_reason(query.device)
         if reason is not None:
             raise ValueError(f"algorithm='matmul' cannot run: {reason}")
-    S = subitem_scores(query, centroids)  # checks the query / centroids shapes and devices
-    check_topk_args(S, codes, k, exclude)
+    S = scores_table(query, centroids)
+    check_k_exclude(k, codes.shape[0], exclude, S)
     if algorithm == "auto" and backend is None and _decoded.prefers_matmul(S.shape[0], codes.shape[0], query.shape[1],
                                                                             codes.shape[1], k, query.device):
         algorithm = "matmul"
