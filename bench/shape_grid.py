@@ -137,7 +137,7 @@ class Grid:
         row["path"] = "matmul" if _decoded.prefers_matmul(c["b"], c["n"], c["d"], c["m"], c["k"],
                                                           torch.device("cpu")) else "lut"
         for m, ts in times.items():
-            self.coef[m] = max(self.coef.get(m, 0.0), min(ts) / _work(m, c))  # wall: what the run waits
+            self.coef[m] = min(ts) / _work(m, c)  # the latest (largest) cell predicts the next; wall time
         peers = {m: t for m, t in row["ms"].items() if m in PEERS}
         if peers:
             best = min(peers, key=peers.get)

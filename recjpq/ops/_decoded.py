@@ -20,7 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from recjpq._validate import check_values
 from recjpq.topk_keys import EMPTY_KEY, pack_keys, unpack_keys
 
-EXTRA = 4  # blocks kept beyond k (+ k / 4, for blocks holding several of the top k) per query
+EXTRA = 4  # blocks kept beyond k (+ k / 4, for blocks holding several of the top k) per step
 _UNIT = 2.0 ** -23  # float32 rounding error bound per operation (twice round-to-nearest's 2^-24)
 _SAFE_BOUND = 2.0 ** 100  # |scores| bound under which no float32 partial sum can overflow
 
@@ -28,7 +28,7 @@ _SAFE_BOUND = 2.0 ** 100  # |scores| bound under which no float32 partial sum ca
 class DecodedTable:
     """The decoded items transposed, ``[d, N]`` float32 (``torch.mm(q, table)`` reads it
     row-major, measured faster than ``q @ items.T``), per-dimension ``max |centroid|`` for the
-    margin, and split-major int64 codes for the rescoring."""
+    margin, and int64 codes for the rescoring."""
 
     def __init__(self, codes: torch.Tensor, centroids: torch.Tensor):
         m = codes.shape[1]
@@ -37,7 +37,7 @@ class DecodedTable:
             items = c[torch.arange(m, device=codes.device), codes.long()]  # [N, M, d/M]
             self.table = items.flatten(1).t().contiguous()
             self.abs_max = centroids.detach().double().abs().amax(dim=1).reshape(-1)  # [d]
-            self.codes_t = codes.t().long().contiguous()  # [M, N], for the exact rescoring
+            self.codes = codes.long()  # for the exact rescoring
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -102,31 +102,41 @@ def score_margin(query: torch.Tensor, centroids: torch.Tensor, abs_max: torch.Te
     return 1.02 * (m * dsub + dsub + m + 3) * _UNIT * bound, bound
 
 
-def exact_scores(S: torch.Tensor, codes_t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def exact_scores(S: torch.Tensor, codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``[B, C]`` scores of the items ``ids [B, C]`` from S, splits added in order m = 0..M-1 in
-    float32 as the reference does (bit-identical values; differentiable in S). ``codes_t``: the
-    split-major int64 codes ``[M, N]``. S is read split-major, the layout ``subitem_scores``
-    returns (no copy)."""
+    float32 as the reference does (bit-identical values; differentiable in S). ``codes``: int64
+    ``[N, M]``. S is read split-major, the layout ``subitem_scores`` returns (no copy)."""
     batch, m, num_codes = S.shape
-    rows = S.transpose(0, 1).reshape(m, batch * num_codes)
-    index = codes_t.index_select(1, ids.reshape(-1))  # [M, B * C]
-    index += (torch.arange(batch, device=S.device) * num_codes).repeat_interleave(ids.shape[1])
-    picked = rows.gather(1, index)
-    scores = picked[0]
+    flat = S.transpose(0, 1).reshape(-1)  # [M * B * K]
+    index = codes.index_select(0, ids.reshape(-1)).view(*ids.shape, m)  # [B, C, M]
+    index = index + (torch.arange(m, device=S.device) * (batch * num_codes)
+                     + (torch.arange(batch, device=S.device) * num_codes).view(batch, 1, 1))
+    picked = flat.take(index)
+    scores = picked[..., 0]
     for j in range(1, m):
-        scores = scores + picked[j]
-    return scores.view(ids.shape)
+        scores = scores + picked[..., j]
+    return scores
 
 
-def _block_size(n: int, kept: int) -> int:
-    """Items per block: the largest power of 2 up to 64 that leaves at least 64 blocks per block
-    kept. torch.topk is quick when k * 64 <= columns (a partial sort), several times slower per
-    column below that (measured, torch 2.13 CPU); larger blocks mean fewer columns to select from
-    but a larger pool to rescore."""
-    s = 1
-    while s < 64 and n // (2 * s) >= 64 * kept:
-        s *= 2
-    return s
+def _select_blocks(values, ids, kept: int, cut):
+    """One narrowing step: the ``kept`` blocks with the largest maximum, plus the tail past the
+    last whole block. Block j of s holds positions j, j + C/s, ... (one strided reduction), and C/s
+    is kept at or below 192: torch.topk over so few columns is a few times faster per column than
+    over the thousands in between (measured, torch 2.13 CPU). Returns None when blocks would not
+    narrow the pool."""
+    batch, width = values.shape
+    size = 1
+    while size < width and width // size > 192:
+        size *= 2
+    num_blocks = width // size
+    if size == 1 or kept * size >= width:
+        return None
+    maxima = values[:, :num_blocks * size].view(batch, size, num_blocks).amax(dim=1)
+    top_max, blocks = torch.topk(maxima, min(kept, num_blocks), dim=1, sorted=False)
+    pos = (blocks.unsqueeze(2) + torch.arange(0, num_blocks * size, num_blocks)).view(batch, -1)
+    pos = torch.cat([pos, torch.arange(num_blocks * size, width).expand(batch, -1)], dim=1)
+    cut = top_max.amin(dim=1) if cut is None else torch.maximum(cut, top_max.amin(dim=1))
+    return values.gather(1, pos), (pos if ids is None else ids.gather(1, pos)), cut
 
 
 def matmul_topk(query, centroids, S, codes, k, exclude, lut):
@@ -134,13 +144,16 @@ def matmul_topk(query, centroids, S, codes, k, exclude, lut):
     exclude_rows)`` answers the queries whose candidates do not fit. Metadata are validated; the
     values (code and exclusion ranges, a finite S) are checked here, before the GEMM.
 
-    Items are grouped into blocks of s (block j: items j, j + N/s, j + 2N/s, ..., so that the
-    maxima are one strided reduction); each query keeps the ``k + EXTRA`` blocks with the largest
-    approximate maximum, plus the items past the last whole block, and rescores that pool exactly.
-    With ``x_k`` the pool's exact k-th score, k allowed items have ``a >= x_k - margin``, so the
-    global exact k-th score is at least ``x_k - 2 * margin`` and every item that reaches it, ties
-    included, has ``a >= x_k - 3 * margin``: if every block left out has its maximum below that,
-    the pool's top-k is the catalogue's (docs/cpu-kernel.md, "Dispatch and crossover").
+    Each query narrows its pool of items (at first the catalogue, excluded items at -inf) by
+    ``_select_blocks`` until it holds at most ``4 * kept`` items, ``kept = k + EXTRA + k // 4``,
+    and rescores the pool exactly. ``cut``, the largest block maximum left out on the way, bounds
+    every item left out. With ``x_k`` the pool's exact k-th score, k allowed items have
+    ``a >= x_k - margin``, so the catalogue's exact k-th score is at least ``x_k - 2 * margin``
+    and every item reaching it, ties included, has ``a >= x_k - 3 * margin``: if ``cut`` is below
+    that, the pool's top-k is the catalogue's (docs/cpu-kernel.md, "Dispatch and crossover").
+    Should the pool hold fewer than k allowed items, every block left out was all excluded (a
+    block with a finite maximum left out means ``kept`` blocks kept with finite maxima), and
+    ``cut = -inf`` says so.
     """
     n = codes.shape[0]
     batch = S.shape[0]
@@ -157,27 +170,24 @@ def matmul_topk(query, centroids, S, codes, k, exclude, lut):
             rows, cols = (exclude >= 0).nonzero(as_tuple=True)
             approx[rows, exclude[rows, cols]] = inf
         kept = k + EXTRA + k // 4
-        size = _block_size(n, kept)
-        num_blocks = n // size
-        if kept < num_blocks:
-            maxima = approx[:, :num_blocks * size].view(batch, size, num_blocks).amax(dim=1) if size > 1 else approx
-            top_max, blocks = torch.topk(maxima, kept, dim=1, sorted=False)
-            ids = (blocks.unsqueeze(2) + torch.arange(0, num_blocks * size, num_blocks)).view(batch, -1)
-            ids = torch.cat([ids, torch.arange(num_blocks * size, n).expand(batch, -1)], dim=1)
-            pool = approx.gather(1, ids)
-        else:  # the pool is the catalogue
-            top_max, ids, pool = None, torch.arange(n).expand(batch, -1), approx
-        keys = pack_keys(exact_scores(S.detach(), table.codes_t, ids), ids).masked_fill_(pool == inf, EMPTY_KEY)
+        pool, ids, cut = approx, None, None  # cut: the largest block maximum left out so far
+        while pool.shape[1] > 4 * kept:
+            step = _select_blocks(pool, ids, kept, cut)
+            if step is None:
+                break
+            pool, ids, cut = step
+        if ids is None:
+            ids = torch.arange(n).expand(batch, -1)
+        keys = pack_keys(exact_scores(S.detach(), table.codes, ids), ids).masked_fill_(pool == inf, EMPTY_KEY)
         values, indices = unpack_keys(torch.topk(keys, k, dim=1).values)
         fits = safe
-        if top_max is not None:
-            # x_k = -inf: fewer than k allowed items in the pool, so every block left out is all excluded
-            fits &= top_max.amin(dim=1).double() < values[:, k - 1].double() - 3 * margin
+        if cut is not None:  # cut = -inf: everything left out is excluded
+            fits &= (cut == inf) | (cut.double() < values[:, k - 1].double() - 3 * margin)
         redo = None if bool(fits.all()) else (~fits).nonzero().flatten()
     if redo is not None:
         rows_exclude = None if exclude is None else exclude[redo].contiguous()
         values[redo], indices[redo] = lut(S.detach()[redo].contiguous(), rows_exclude)
     if S.requires_grad:  # the same float32 sums again, recorded for autograd
         found = indices >= 0
-        values = exact_scores(S, table.codes_t, indices.clamp(min=0)).masked_fill(~found, inf)
+        values = exact_scores(S, table.codes, indices.clamp(min=0)).masked_fill(~found, inf)
     return values, indices
