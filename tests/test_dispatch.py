@@ -203,3 +203,17 @@ def test_matmul_rejects_bad_values_before_scoring(bad):
     match = {"code range": "codes must lie", "exclude range": "exclude ids"}.get(bad, "non-finite")
     with pytest.raises(ValueError, match=match):
         ops.pq_topk_query(query, centroids, codes, 3, exclude=exclude, algorithm="matmul")
+
+
+def test_matmul_large_k_keeps_a_bounded_pool(monkeypatch):
+    """k near N / 192: blocks cannot narrow the pool, the best items are kept instead (no full
+    rescoring), still proven without the LUT."""
+    query, centroids, codes = catalogue(3417, 4, 4, batch=3)
+    S = ops.subitem_scores(query, centroids)
+    sizes = []
+    real = _decoded.exact_scores
+    monkeypatch.setattr(_decoded, "exact_scores", lambda S, codes, ids: sizes.append(ids.shape[1]) or real(S, codes, ids))
+    got = _decoded.matmul_topk(query, centroids, S, codes, 100, None, no_fallback)
+    ref = ops.pq_topk(S, codes, 100, backend="reference")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert sizes[0] <= 4 * (100 + _decoded.EXTRA + 100 // 4)

@@ -54,8 +54,8 @@ def prefers_matmul(batch: int, n: int, d: int, m: int, k: int, device: torch.dev
     """Whether ``algorithm="auto"`` takes the decoded table: the crossovers of ``bench/shape_grid.py
     --variants lut matmul`` (docs/cpu-kernel.md, "Dispatch and crossover"; 1 thread, N in 3.4k-100k,
     B in 1-512). The GEMM pays for large batches over small catalogues with short sub-vectors (the
-    LUT scan's work grows with M, the GEMM's with d); k = 100 needs B = 512 and M >= 16."""
-    if batch < 64 or (k > 16 and (m < 16 or batch < 512)) or unavailable_reason(device) is not None:
+    LUT scan's work grows with M, the GEMM's with d) and small k (k = 100 lost or tied)."""
+    if batch < 64 or k > 16 or unavailable_reason(device) is not None:
         return False
     return n * (d // m) <= (60_000 if batch >= 512 else 40_000)
 
@@ -173,7 +173,10 @@ def matmul_topk(query, centroids, S, codes, k, exclude, lut):
         pool, ids, cut = approx, None, None  # cut: the largest block maximum left out so far
         while pool.shape[1] > 4 * kept:
             step = _select_blocks(pool, ids, kept, cut)
-            if step is None:
+            if step is None:  # blocks do not narrow it (k near N / 192): keep the best items themselves
+                top, pos = torch.topk(pool, kept, dim=1, sorted=False)
+                cut = top.amin(dim=1) if cut is None else torch.maximum(cut, top.amin(dim=1))
+                pool, ids = top, (pos if ids is None else ids.gather(1, pos))
                 break
             pool, ids, cut = step
         if ids is None:
