@@ -6,6 +6,8 @@ run inside the op implementations, once per codes tensor where the result can be
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 CODE_DTYPES = (torch.uint8, torch.int16, torch.int32)
@@ -53,9 +55,13 @@ def check_table(S, codes) -> None:
 
 def check_topk_args(S, codes, k, exclude) -> None:
     check_table(S, codes)
+    check_k_exclude(k, codes.shape[0], exclude, S)
+
+
+def check_k_exclude(k, n: int, exclude, S) -> None:
+    """k and exclude for a top-k over N items, S ``[B, M, K]`` having passed ``check_table``."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    n = codes.shape[0]
     if k <= 0 or k > n:
         raise ValueError(f"k must be in [1, N={n}], got k={k}")
     if exclude is not None:
@@ -65,11 +71,14 @@ def check_topk_args(S, codes, k, exclude) -> None:
             raise ValueError(f"exclude has {exclude.shape[0]} rows but S has B={S.shape[0]} queries")
 
 
-def check_values(S, codes, exclude=None) -> None:
-    """Data checks; code ranges are checked once per codes tensor (see ``_codes_cache``)."""
+def check_values(S, codes, exclude=None, *, finite: bool = False) -> None:
+    """Data checks; code ranges are checked once per codes tensor (see ``_codes_cache``).
+    ``finite=True``: the caller has proved S finite (the decoded-table path bounds |S|)."""
     from recjpq._codes_cache import codes_info
 
-    if not bool(torch.isfinite(S).all()):
+    # one reduction instead of a mask: a finite sum proves every entry finite; only an overflowing
+    # (or non-finite) sum needs the elementwise test
+    if not finite and not math.isfinite(float(S.detach().sum())) and not bool(torch.isfinite(S).all()):
         raise ValueError("S contains non-finite values (nan or inf)")
     codes_info(codes).check_range(S.shape[2])
     if exclude is not None and exclude.numel():

@@ -55,12 +55,20 @@ def resolve(backend: str | None, device: torch.device, op: str, shape: dict | No
         if reason is not None:
             raise RuntimeError(f"backend {backend!r} cannot run {op} on {device.type} tensors: {reason}")
         return backend
-    order = [n for n in _AUTO_ORDER.get(device.type, ("reference",))
-             if _reason(n, device.type) is None and hasattr(get(n), op)]
     if device.type == "cuda" and shape is not None:
         from recjpq.backends import _gpu_dispatch
 
-        order = _gpu_dispatch.order(op, shape, device, order)
+        order = _gpu_dispatch.order(op, shape, device, list(_auto_order(device.type, op)))
+    else:
+        order = _auto_order(device.type, op)
     if order:
         return order[0]
     raise RuntimeError(f"no backend can run {op} on {device.type} tensors")
+
+
+@functools.cache
+def _auto_order(device_type: str, op: str) -> tuple[str, ...]:
+    """The available backends implementing ``op``, best first (fixed per process: a B = 1 call
+    should not pay for asking again)."""
+    return tuple(n for n in _AUTO_ORDER.get(device_type, ("reference",))
+                 if _reason(n, device_type) is None and hasattr(get(n), op))

@@ -8,6 +8,9 @@ from recjpq.ops.subitem_scores import score_dtype
 from recjpq._validate import FLOAT_DTYPES, check_codes, check_tensor
 
 
+_SCAN_ALGORITHMS = ("exhaustive", "prune")  # pq_topk's, on S
+
+
 class PQEmbedding(nn.Module):
     """Drop-in for ``nn.Embedding`` over a product-quantised item catalogue (RecJPQ).
 
@@ -144,10 +147,18 @@ class PQEmbedding(nn.Module):
 
     def topk(self, seq_emb: torch.Tensor, k: int, exclude: torch.Tensor | None = None, *,
              backend: str | None = None, algorithm: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        """The k best items for ``seq_emb [B, dim]`` via the fused ``recjpq.ops.pq_topk``;
-        the padding item is always excluded."""
-        S = self._flat_table(seq_emb)
+        """The k best items for ``seq_emb [B, dim]`` (leading dims are flattened into B); the
+        padding item is always excluded. ``algorithm``: ``recjpq.ops.pq_topk_query``'s (``"auto"``
+        picks the fused scan or the cached decoded table by shape), or ``pq_topk``'s scans
+        ``"exhaustive"`` / ``"prune"``."""
+        self._check_seq(seq_emb)
+        seq_emb = seq_emb.reshape(-1, self.embedding_dim)
         if self.padding_idx is not None:
-            pad = torch.full((S.shape[0], 1), self.padding_idx, dtype=torch.int64, device=S.device)
+            pad = torch.full((seq_emb.shape[0], 1), self.padding_idx, dtype=torch.int64, device=seq_emb.device)
             exclude = pad if exclude is None else torch.cat([exclude, pad], dim=1)
-        return ops.pq_topk(S, self.codes, k, exclude=exclude, backend=backend, algorithm=algorithm)
+        # a subclass that changes the scores (a rotated query space) scores through its own S
+        if algorithm in _SCAN_ALGORITHMS or type(self).subitem_scores is not PQEmbedding.subitem_scores:
+            return ops.pq_topk(self.subitem_scores(seq_emb), self.codes, k, exclude=exclude, backend=backend,
+                               algorithm=algorithm if algorithm in _SCAN_ALGORITHMS else "auto")
+        return ops.pq_topk_query(seq_emb, self.subitem_embeddings, self.codes, k, exclude=exclude, backend=backend,
+                                 algorithm=algorithm)

@@ -8,13 +8,14 @@ from typing import Optional
 import torch
 
 from recjpq import backends
-from recjpq._validate import (FLOAT_DTYPES, check_codes, check_same_device, check_tensor, check_topk_args,
+from recjpq._validate import (FLOAT_DTYPES, check_codes, check_k_exclude, check_same_device, check_tensor,
                               check_values)
-from recjpq.ops.pq_topk import _backward as _pq_topk_backward, _setup as _pq_topk_setup, pq_topk
-from recjpq.ops.subitem_scores import subitem_scores
+from recjpq.ops import _decoded
+from recjpq.ops.pq_topk import _backward as _pq_topk_backward, _setup as _pq_topk_setup, run_topk
+from recjpq.ops.subitem_scores import check_subitem_args, scores_table
 
 # "decode*" differ in the tensor-core input precision (kernels/pq_decode_topk.py: DECODE_ALGORITHMS)
-ALGORITHMS = ("auto", "lut", "decode", "decode_tf32x3", "decode_bf16")
+ALGORITHMS = ("auto", "lut", "matmul", "decode", "decode_tf32x3", "decode_bf16")
 
 
 @torch.library.custom_op("recjpq::pq_topk_query", mutates_args=())
@@ -46,12 +47,15 @@ def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Ten
     Exactly ``pq_topk(subitem_scores(query, centroids), codes, k, exclude=exclude)``: the same
     float32 values (splits added in order) and indices, ties to the lower index, a ``-inf`` / ``-1``
     tail when fewer than k items remain. ``algorithm``: ``"lut"`` builds S and runs ``pq_topk`` on
-    ``backend``; ``"decode"`` (triton only: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``)
-    scores tiles of decoded items against blocks of queries with ``tl.dot`` in tf32, then rescores
-    every item within a proven error margin of the k-th best exactly from S (``"decode_tf32x3"``
-    and ``"decode_bf16"``: other input precisions, tighter or looser margins); ``"auto"`` is
-    ``"lut"`` until GPU measurements say where decoding is faster. Values are differentiable with
-    respect to ``query`` and ``centroids`` (through S).
+    ``backend``; ``"matmul"`` (CPU tensors) multiplies the queries with the decoded ``[N, d]`` item
+    table, decoded once and cached until codes or centroids change, then rescores the candidates
+    within a proven error margin of the k-th best exactly from S (``recjpq.ops._decoded``);
+    ``"decode"`` (triton only: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) scores tiles of
+    decoded items against blocks of queries with ``tl.dot`` in tf32 and rescores the same way
+    (``"decode_tf32x3"`` and ``"decode_bf16"``: other input precisions, tighter or looser margins).
+    ``"auto"`` (with ``backend=None``) is ``"matmul"`` on CPU where the measured shape grid says it
+    wins (``_decoded.prefers_matmul``; docs/cpu-kernel.md), else ``"lut"``. Values are
+    differentiable with respect to ``query`` and ``centroids`` (through S).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
@@ -59,15 +63,31 @@ def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Ten
     if decode and backend not in (None, "triton"):
         raise ValueError(f"algorithm={algorithm!r} runs only on the triton backend, got backend={backend!r}")
     check_tensor("query", query, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("centroids", centroids, ndim=3, dtypes=FLOAT_DTYPES)
+    check_subitem_args(query, centroids)
     check_codes(codes, centroids.shape[1])
     check_same_device(query=query, centroids=centroids, codes=codes, exclude=exclude)
     if centroids.shape[0] != codes.shape[1]:
         raise ValueError(f"centroids have M={centroids.shape[0]} splits but codes have M={codes.shape[1]}")
-    S = subitem_scores(query, centroids)  # checks the query / centroids shapes and devices
-    check_topk_args(S, codes, k, exclude)
-    if not decode:
-        return pq_topk(S, codes, k, exclude=exclude, backend=backend)
+    if query.shape[0] == 0 or centroids.shape[1] == 0:
+        raise ValueError(f"need B >= 1 queries and K >= 1 sub-ids, got query {tuple(query.shape)}, "
+                         f"centroids {tuple(centroids.shape)}")
+    if algorithm == "matmul":
+        reason = _decoded.unavailable_reason(query.device)
+        if reason is not None:
+            raise ValueError(f"algorithm='matmul' cannot run: {reason}")
+    S = scores_table(query, centroids)
+    check_k_exclude(k, codes.shape[0], exclude, S)
+    if algorithm == "auto" and backend is None and _decoded.prefers_matmul(S.shape[0], codes.shape[0], query.shape[1],
+                                                                            codes.shape[1], k, query.device):
+        algorithm = "matmul"
+    if algorithm == "matmul" and not torch.compiler.is_compiling():
+        if exclude is not None:
+            exclude = exclude.contiguous()
+        codes = codes.contiguous()
+        return _decoded.matmul_topk(query, centroids, S, codes, k, exclude,
+                                    lambda rows, rows_exclude: run_topk(rows, codes, k, rows_exclude, backend, "auto"))
+    if not decode:  # "lut"; "matmul" under torch.compile (data-dependent fallback), which gives the same result
+        return run_topk(S, codes, k, exclude, backend, "auto")
     name = backends.resolve("triton", S.device, "pq_topk_query")
     if exclude is not None:
         exclude = exclude.contiguous()

@@ -1,0 +1,219 @@
+"""pq_topk_query's CPU dispatch: the decoded-table ("matmul") path and the fused scan ("lut")
+against the reference, and the decoded-table cache."""
+import pytest
+import torch
+
+from recjpq import ops
+from recjpq.nn import PQEmbedding
+from recjpq.ops import _decoded
+
+
+def catalogue(n, m, dsub, num_codes=16, batch=5, dtype=torch.uint8, seed=0, integer=False):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, num_codes, (n, m), generator=g).to(dtype)
+    if integer:  # small integers: float32 sums are exact in any order, so equal scores tie exactly
+        centroids = torch.randint(-2, 3, (m, num_codes, dsub), generator=g).float()
+        query = torch.randint(-2, 3, (batch, m * dsub), generator=g).float()
+    else:
+        centroids = torch.randn(m, num_codes, dsub, generator=g)
+        query = torch.randn(batch, m * dsub, generator=g)
+    return query, centroids, codes
+
+
+def assert_matches_reference(query, centroids, codes, k, exclude=None, **kwargs):
+    ref = ops.pq_topk_query(query, centroids, codes, k, exclude=exclude, backend="reference")
+    got = ops.pq_topk_query(query, centroids, codes, k, exclude=exclude, **kwargs)
+    assert torch.equal(got[1], ref[1])
+    assert torch.equal(got[0], ref[0])  # bit-identical float32, -inf tail included
+    return got
+
+
+def no_fallback(rows, rows_exclude):
+    raise AssertionError("the matmul path fell back to the LUT scan")
+
+
+@pytest.mark.parametrize("n, m, dsub, k", [
+    (1, 1, 3, 1), (37, 3, 5, 7), (200, 4, 16, 200), (3001, 2, 8, 3), (5000, 8, 4, 10), (4099, 1, 5, 1)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_matmul_matches_reference(n, m, dsub, k, dtype):
+    query, centroids, codes = catalogue(n, m, dsub, dtype=dtype)
+    assert_matches_reference(query, centroids, codes, k, algorithm="matmul")
+
+
+@pytest.mark.parametrize("n, k", [(3001, 3), (5000, 10), (20000, 5)])
+def test_block_selection_proves_the_topk_on_random_scores(n, k):
+    """Two narrowing steps with tails past the last whole block: proven without the LUT."""
+    query, centroids, codes = catalogue(n, 4, 8, batch=7)
+    S = ops.subitem_scores(query, centroids)
+    got = _decoded.matmul_topk(query, centroids, S, codes, k, None, no_fallback)
+    ref = ops.pq_topk(S, codes, k, backend="reference")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("n, k", [(64, 5), (3001, 10)])
+def test_matmul_exact_ties_go_to_the_lower_index(n, k):
+    query, centroids, codes = catalogue(n, 2, 2, num_codes=3, integer=True)
+    _, indices = assert_matches_reference(query, centroids, codes, k, algorithm="matmul")
+    assert (indices >= 0).all()
+
+
+def test_matmul_exclusions_and_the_empty_tail():
+    n, k = 40, 12
+    query, centroids, codes = catalogue(n, 3, 4, batch=4)
+    exclude = torch.full((4, n + 3), -1, dtype=torch.int64)
+    exclude[0, :5] = torch.tensor([0, 39, 0, 17, 3])  # duplicates and both ends
+    exclude[1, :n - 5] = torch.arange(5, n)  # 5 items left: 7 slots of (-inf, -1)
+    exclude[2, :n] = torch.arange(n)  # nothing left
+    values, indices = assert_matches_reference(query, centroids, codes, k, exclude=exclude, algorithm="matmul")
+    assert (indices[1, 5:] == -1).all() and torch.isinf(values[1, 5:]).all()
+    assert (indices[2] == -1).all()
+    assert not torch.isin(indices[0], torch.tensor([0, 39, 17, 3])).any()
+
+
+def test_matmul_falls_back_to_the_scan_when_the_margin_proves_nothing(monkeypatch):
+    query, centroids, codes = catalogue(3001, 4, 8, batch=6)
+    monkeypatch.setattr(_decoded, "_SAFE_BOUND", 0.0)  # every query "could overflow": all rescanned
+    exclude = torch.tensor([[5, -1]] * 6)
+    assert_matches_reference(query, centroids, codes, 10, exclude=exclude, algorithm="matmul")
+
+
+def test_margin_bounds_the_gemm_error():
+    """The bound holds against float64 truth for both float32 routes (GEMM and S sums)."""
+    query, centroids, codes = catalogue(2000, 8, 64, num_codes=256, batch=16)
+    table = _decoded.decoded_table(codes, centroids)
+    margin, _ = _decoded.score_margin(query, centroids, table.abs_max)
+    truth = query.double() @ table.table.double()
+    approx = torch.mm(query, table.table).double()
+    exact = ops.pq_scores(ops.subitem_scores(query, centroids), codes, backend="reference").double()
+    assert ((approx - truth).abs().amax(1) <= margin).all()
+    assert ((exact - truth).abs().amax(1) <= margin).all()
+
+
+@pytest.mark.parametrize("prefers", [True, False])
+def test_auto_runs_the_branch_the_dispatch_picks(monkeypatch, prefers):
+    query, centroids, codes = catalogue(500, 4, 4, batch=9)
+    calls = []
+    real = _decoded.matmul_topk
+    monkeypatch.setattr(_decoded, "prefers_matmul", lambda *args: prefers)
+    monkeypatch.setattr(_decoded, "matmul_topk", lambda *args: calls.append(1) or real(*args))
+    exclude = torch.tensor([[1, 2, -1]] * 9)
+    assert_matches_reference(query, centroids, codes, 8, exclude=exclude)
+    assert len(calls) == int(prefers)
+    calls.clear()
+    assert_matches_reference(query, centroids, codes, 8, exclude=exclude, backend="cpu" if prefers else None,
+                             algorithm="lut")
+    assert not calls  # a named backend or algorithm is obeyed
+
+
+def test_reduced_matmul_precision_keeps_auto_off_the_decoded_table(monkeypatch):
+    query, centroids, codes = catalogue(300, 2, 4)
+    monkeypatch.setattr(_decoded, "prefers_matmul", lambda *args: True)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert _decoded.unavailable_reason(query.device) is not None
+        with pytest.raises(ValueError, match="reduced precision"):
+            ops.pq_topk_query(query, centroids, codes, 3, algorithm="matmul")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_matmul_gradients_match_the_lut_path():
+    query, centroids, codes = catalogue(300, 4, 4, batch=3)
+    exclude = torch.tensor([[0, -1], [7, 8], [-1, -1]])
+    grads = []
+    for algorithm in ("lut", "matmul"):
+        q, c = query.clone().requires_grad_(), centroids.clone().requires_grad_()
+        values, _ = ops.pq_topk_query(q, c, codes, 6, exclude=exclude, algorithm=algorithm)
+        (values * torch.arange(1.0, 7.0)).sum().backward()
+        grads.append((values.detach(), q.grad, c.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1])
+    torch.testing.assert_close(grads[1][2], grads[0][2])
+
+
+def test_table_is_cached_per_codes_and_centroids():
+    _, centroids, codes = catalogue(100, 2, 4)
+    table = _decoded.decoded_table(codes, centroids)
+    assert _decoded.decoded_table(codes, centroids) is table
+    assert _decoded.decoded_table(codes, centroids.clone()) is not table  # another tensor
+    other = _decoded.decoded_table(codes[1:], centroids)  # a view is another catalogue
+    assert other.table.shape[1] == 99
+
+
+def test_in_place_edits_invalidate_the_table():
+    query, centroids, codes = catalogue(300, 4, 4, batch=3)
+    assert_matches_reference(query, centroids, codes, 5, algorithm="matmul")
+    table = _decoded.decoded_table(codes, centroids)
+    codes[:50] = codes[50:100].flip(0)
+    assert _decoded.decoded_table(codes, centroids) is not table
+    assert_matches_reference(query, centroids, codes, 5, algorithm="matmul")
+    table = _decoded.decoded_table(codes, centroids)
+    centroids.mul_(-1.5)
+    assert _decoded.decoded_table(codes, centroids) is not table
+    assert_matches_reference(query, centroids, codes, 5, algorithm="matmul")
+    table = _decoded.decoded_table(codes, centroids)
+    codes[1:].view(-1)[:7] = 3  # through a view: the version counter is shared
+    assert _decoded.decoded_table(codes, centroids) is not table
+    assert_matches_reference(query, centroids, codes, 5, algorithm="matmul")
+
+
+def test_optimizer_step_invalidates_the_table():
+    torch.manual_seed(0)
+    emb = PQEmbedding(torch.randint(0, 8, (400, 4), dtype=torch.uint8), 16, num_codes=8, padding_idx=0)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.5)
+    seq = torch.randn(6, 16)
+    for _ in range(2):
+        values, indices = emb.topk(seq, 7, algorithm="matmul")
+        ref = emb.topk(seq, 7, backend="reference", algorithm="lut")
+        assert torch.equal(values, ref[0]) and torch.equal(indices, ref[1])
+        assert not (indices == 0).any()  # padding excluded
+        table = _decoded.decoded_table(emb.codes, emb.subitem_embeddings)
+        opt.zero_grad()
+        (-values.sum()).backward()
+        opt.step()
+        assert _decoded.decoded_table(emb.codes, emb.subitem_embeddings) is not table
+
+
+def test_pq_embedding_topk_keeps_leading_dims_and_scan_algorithms():
+    torch.manual_seed(1)
+    emb = PQEmbedding(torch.randint(0, 8, (90, 2), dtype=torch.uint8), 8, num_codes=8)
+    seq = torch.randn(2, 3, 8)
+    ref = ops.pq_topk(emb.subitem_scores(seq.reshape(6, 8)), emb.codes, 4, backend="reference")
+    for algorithm in ("auto", "lut", "matmul", "exhaustive", "prune"):
+        values, indices = emb.topk(seq, 4, algorithm=algorithm)
+        assert torch.equal(values, ref[0]) and torch.equal(indices, ref[1]), algorithm
+
+
+@pytest.mark.parametrize("bad", ["nan query", "inf centroid", "overflow", "code range", "exclude range"])
+def test_matmul_rejects_bad_values_before_scoring(bad):
+    query, centroids, codes = catalogue(50, 2, 4)
+    exclude = None
+    if bad == "nan query":
+        query[1, 3] = float("nan")
+    elif bad == "inf centroid":
+        centroids[1, 2, 0] = float("inf")
+    elif bad == "overflow":  # finite inputs whose float32 products overflow
+        query, centroids = query * 1e30, centroids * 1e30
+    elif bad == "code range":
+        codes = codes.to(torch.int16)
+        codes[3, 1] = 16  # K = 16 sub-ids: 0..15
+    else:
+        exclude = torch.tensor([[50]] * 5)
+    match = {"code range": "codes must lie", "exclude range": "exclude ids"}.get(bad, "non-finite")
+    with pytest.raises(ValueError, match=match):
+        ops.pq_topk_query(query, centroids, codes, 3, exclude=exclude, algorithm="matmul")
+
+
+def test_matmul_large_k_keeps_a_bounded_pool(monkeypatch):
+    """k near N / 192: blocks cannot narrow the pool, the best items are kept instead (no full
+    rescoring), still proven without the LUT."""
+    query, centroids, codes = catalogue(3417, 4, 4, batch=3)
+    S = ops.subitem_scores(query, centroids)
+    sizes = []
+    real = _decoded.exact_scores
+    monkeypatch.setattr(_decoded, "exact_scores", lambda S, codes, ids: sizes.append(ids.shape[1]) or real(S, codes, ids))
+    got = _decoded.matmul_topk(query, centroids, S, codes, 100, None, no_fallback)
+    ref = ops.pq_topk(S, codes, 100, backend="reference")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert sizes[0] <= 4 * (100 + _decoded.EXTRA + 100 // 4)
