@@ -1,9 +1,10 @@
-"""Build recjpq: the Python package, the Triton kernels (as ``recjpq.kernels``) and the C++/CUDA
-extensions under ``csrc/``, compiled with ninja through ``torch.utils.cpp_extension``.
+"""Build recjpq's extensions: the C++ (and, with nvcc, CUDA) code under ``csrc/``, compiled with ninja
+through ``torch.utils.cpp_extension``, and the Triton kernels' folder ``kernels/`` as
+``recjpq.kernels``. The metadata is in pyproject.toml.
 
-Install with ``pip install --no-build-isolation .`` so the build sees the torch you installed
-(an isolated build would download another torch). ``RECJPQ_NO_EXT=1`` skips every extension;
-``RECJPQ_NO_CUDA=1`` skips the CUDA one.
+Build with the torch you installed: ``pip install --no-build-isolation -e .`` (or ``python -m build
+--wheel --no-isolation``); an isolated build would download another torch. ``RECJPQ_NO_EXT=1``
+skips every extension; ``RECJPQ_NO_CUDA=1`` skips the CUDA one.
 """
 import glob
 import os
@@ -15,8 +16,8 @@ try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError:
-    sys.exit("recjpq's build needs torch: install it first (see README), then "
-             "`pip install --no-build-isolation .`")
+    sys.exit("recjpq's build needs torch: install it first (see README), then build with that torch: "
+             "`pip install --no-build-isolation -e .` or `python -m build --wheel --no-isolation`")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,23 +56,10 @@ def extensions():
 
 
 setup(
-    name="recjpq",
-    version="0.1.0",
-    description="Fused product-quantised scoring and top-k for sequential recommenders over huge catalogues",
-    packages=find_packages(include=["recjpq", "recjpq.*"]) + ["recjpq.kernels"],
+    packages=find_packages(include=["recjpq", "recjpq.*"], exclude=["recjpq.kernels"]) + ["recjpq.kernels"],
     package_dir={"recjpq.kernels": "kernels"},
     package_data={"recjpq.backends": ["gpu_dispatch.json"]},  # the measured triton/cuda dispatch table
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "scipy", "tqdm"],
-    extras_require={
-        "triton": ["triton"],
-        "faiss": ["faiss-cpu"],
-        "demo": ["matplotlib"],
-        "serve": ["fastapi", "uvicorn", "httpx"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "faiss-cpu", "triton"],
-    },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["recjpq=recjpq.cli:main"]},
     zip_safe=False,
 )
