@@ -62,11 +62,3 @@ def test_errors_are_messages_not_tracebacks(tmp_path, data_file):
     with pytest.raises(SystemExit, match="not a readable recjpq checkpoint"):
         main(["recommend", str(broken), "--history", "1"])
 
-
-def test_demo_quick(tmp_path, capsys):
-    main(["demo", "--quick", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "NDCG@10" in out and "latency" in out
-    summary = json.loads((tmp_path / "demo.json").read_text())
-    assert [q["model"] for q in summary["quality"]] == ["SASRec-dense", "SASRec-recjpq"]
-    assert (tmp_path / "demo.png").stat().st_size > 0
