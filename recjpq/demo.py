@@ -43,13 +43,13 @@ PLOT_HINT = "pip install 'recjpq[demo]'"
 class Plan:
     """The sizes of one demo run: the data (when synthetic), the models, the latency grid."""
 
-    users: int = 5000
-    items: int = 2500
-    mean_length: int = 30
-    max_len: int = 50
+    users: int = 3000
+    items: int = 2000
+    mean_length: int = 25
+    max_len: int = 30
     dense_dims: tuple = (8, 16, 32, 64)
     pq_dim: int = 64
-    pq_shapes: tuple = ((4, 256), (8, 256), (16, 256), (4, 1024), (8, 1024), (16, 1024))  # (M, K)
+    pq_shapes: tuple = ((4, 256), (8, 256), (16, 256), (8, 1024))  # (M, K)
     catalogues: tuple = (10_000, 31_623, 100_000, 316_228, 1_000_000)
     latency_shape: tuple = (64, 8, 256)  # (d, M, K) of the latency catalogues
     latency_samples: int = 200
@@ -58,6 +58,7 @@ class Plan:
     budget: float = 240.0
     reserve: float = 5.0  # seconds kept for the tables, files and plot
     valid_users: int = 1000
+    lr: float = 5e-3  # high: a short budget
     extra: dict = field(default_factory=dict)  # TrainConfig overrides
 
 
@@ -113,6 +114,18 @@ def _runs(plan: Plan) -> list[dict]:
     return mixed + dense[len(pq):] + pq[len(dense):]
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """One torch thread: these models are too small to gain from more, and on a shared CPU
+    spinning OpenMP threads made their evaluation 6x slower (measured at load 17, 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _frontier(data: SequenceData, plan: Plan, deadline: float, progress: bool) -> list[dict]:
     """Trains every configuration; each gets an equal share of the time left before ``deadline``,
     less the codes and evaluations measured around the models before it."""
@@ -125,11 +138,12 @@ def _frontier(data: SequenceData, plan: Plan, deadline: float, progress: bool) -
         bar.set_postfix_str(name)
         share = (deadline - time.perf_counter()) / (len(runs) - done)
         seconds = max(share - (np.mean(overheads) if overheads else 0.15 * share), 1.0)
-        config = TrainConfig(**{**dict(model="sasrec", codes="svd", max_len=plan.max_len, lr=2e-3, batch_size=128,
+        config = TrainConfig(**{**dict(model="sasrec", codes="svd", max_len=plan.max_len, lr=plan.lr, batch_size=128,
                                        epochs=1000, patience=5, valid_users=plan.valid_users,
                                        time_limit=seconds), **plan.extra, **run})
         started = time.perf_counter()
-        result = fit(data, config, progress=False)
+        with _one_thread():
+            result = fit(data, config, progress=False)
         wall = time.perf_counter() - started
         overheads.append(max(wall - result.train_seconds, 0.0))
         points.append({"model": name, "embedding": run["embedding"], "d": run["dim"],
@@ -156,16 +170,22 @@ class BusyCore:
         self.proc.wait()
 
 
-def _samples_ms(fn, count: int, seconds: float) -> np.ndarray:
-    """Per-call milliseconds: ``count`` calls, fewer (at least 10) if ``seconds`` run out."""
-    for _ in range(3):
-        fn()  # warm-up: prepared code layouts, allocator, lazy imports
-    out, deadline = [], time.perf_counter() + seconds
-    while len(out) < count and (len(out) < 10 or time.perf_counter() < deadline):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return 1e3 * np.asarray(out)
+def _samples_ms(methods: dict, count: int, seconds: float) -> dict:
+    """Per-call milliseconds of each method, called in turn ``count`` times (fewer, at least 10,
+    if ``seconds`` run out), so that a burst of load on the machine hits every method alike."""
+    for fn in methods.values():
+        for _ in range(3):
+            fn()  # warm-up: prepared code layouts, allocator, lazy imports
+    out = {name: [] for name in methods}
+    deadline = time.perf_counter() + seconds
+    for done in range(count):
+        if done >= 10 and time.perf_counter() > deadline:
+            break
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - start)
+    return {name: 1e3 * np.asarray(times) for name, times in out.items()}
 
 
 def _methods(num_items: int, shape: tuple) -> dict:
@@ -192,29 +212,29 @@ def _methods(num_items: int, shape: tuple) -> dict:
 
 
 def _latency(plan: Plan, seconds: float, progress: bool) -> list[dict]:
-    per_cell = seconds / (2 * len(plan.catalogues) * 3)  # idle and busy, three methods
+    per_catalogue = seconds / (2 * len(plan.catalogues))  # idle and busy
     rows = {}
     bar = tqdm(total=2 * len(plan.catalogues), desc="latency", unit="catalogue", disable=None if progress else True)
     for load in ("idle", "busy"):
         for n in plan.catalogues:
+            bar.set_postfix_str(f"{load}, {n:,} items")
             with torch.no_grad():
                 methods = _methods(n, plan.latency_shape)
                 with BusyCore() if load == "busy" else contextlib.nullcontext():
-                    for name, fn in methods.items():
-                        bar.set_postfix_str(f"{load}, {n:,} items, {name}")
-                        ms = _samples_ms(fn, plan.latency_samples, per_cell)
-                        row = rows.setdefault((n, name), {"items": n, "method": name})
-                        row.update({f"{load}_p50_ms": round(float(np.percentile(ms, 50)), 3),
-                                    f"{load}_p99_ms": round(float(np.percentile(ms, 99)), 3),
-                                    f"{load}_samples": len(ms)})
+                    samples = _samples_ms(methods, plan.latency_samples, per_catalogue)
+            for name, ms in samples.items():
+                row = rows.setdefault((n, name), {"items": n, "method": name})
+                row.update({f"{load}_p50_ms": round(float(np.percentile(ms, 50)), 3),
+                            f"{load}_p99_ms": round(float(np.percentile(ms, 99)), 3),
+                            f"{load}_samples": len(ms)})
             bar.update(1)
             del methods
     bar.close()
     return list(rows.values())
 
 
-def _kb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+def _kb(n: float) -> str:
+    return f"{n / 1e6:.3g} MB" if n >= 1e6 else f"{n / 1e3:.3g} KB"
 
 
 def summary_lines(points: list[dict], latency: list[dict]) -> list[str]:
@@ -256,7 +276,8 @@ def tables(points: list[dict], latency: list[dict], shape: tuple) -> str:
         lines.append(f"| {p['model']} | {_kb(p['item_bytes'])} | {p['ndcg@10']:.4f} | {p['recall@10']:.4f} | "
                      f"{p['epochs']} | {p['train_seconds']} | {'*' if p['pareto'] else ''} |")
     d, m, k = shape
-    lines += ["", f"Top-{K} latency for one query, ms (random catalogue, d={d}, M={m}, K={k}):", "",
+    lines += ["", f"Top-{K} latency for one query, ms (random catalogue, d={d}, M={m}, K={k}; "
+                  f"{torch.get_num_threads()} torch threads):", "",
               "| items | method | idle p50 | idle p99 | busy core p50 | busy core p99 |", "|---:|---|---:|---:|---:|---:|"]
     for r in latency:
         lines.append(f"| {r['items']:,} | {r['method']} | {r['idle_p50_ms']:.3f} | {r['idle_p99_ms']:.3f} | "
@@ -264,12 +285,12 @@ def tables(points: list[dict], latency: list[dict], shape: tuple) -> str:
     return "\n".join(lines)
 
 
-def plot(path: str, points: list[dict], latency: list[dict], title: str, shape: tuple) -> None:
+def plot(path: str, points: list[dict], latency: list[dict], title: str, shape: tuple, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig = plt.figure(figsize=(15, 5))
     grid = fig.add_gridspec(1, 3, width_ratios=(1.3, 1, 1))
@@ -289,14 +310,19 @@ def plot(path: str, points: list[dict], latency: list[dict], title: str, shape: 
                           textcoords="offset points", xytext=(6, -3), fontsize=8)
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["item_bytes"])
     left.step([p["item_bytes"] for p in front], [p["ndcg@10"] for p in front], where="post", color="0.3",
-              linestyle="--", linewidth=1, label="Pareto front", zorder=2)
+              linestyle="--", linewidth=1, zorder=2)
+    left.scatter([p["item_bytes"] for p in front], [p["ndcg@10"] for p in front], s=170, facecolors="none",
+                 edgecolors="0.3", linewidths=1.2, label="Pareto front", zorder=4)
     left.set_xscale("log")
+    left.margins(x=0.12)
+    left.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     left.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _kb(x)))
+    left.xaxis.set_minor_formatter(NullFormatter())
     left.set_xlabel("item representation (bytes, log scale)")
     left.set_ylabel(f"NDCG@{K} (test, full ranking)")
     left.set_title(f"Quality vs memory: {title}", fontsize=10)
     left.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=8, loc="lower right")
+    left.legend(fontsize=8, loc="best")
     colours = {"recjpq": "#dd8452", "dense": "#4c72b0", "faiss IndexPQ": "#55a868"}
     names = {"recjpq": "recjpq (default path)", "dense": "dense matmul + topk", "faiss IndexPQ": "FAISS IndexPQ"}
     for ax, load in ((idle, "idle"), (busy, "busy")):
@@ -310,11 +336,14 @@ def plot(path: str, points: list[dict], latency: list[dict], title: str, shape: 
                             color=colours[method], alpha=0.12)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sorted({r["items"] for r in latency}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:.0f}M" if x >= 1e6 else f"{x / 1e3:.0f}k"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("catalogue size (items)")
         ax.grid(True, which="both", alpha=0.3)
     d, m, k = shape
     idle.set_ylabel(f"ms per query (top-{K}, batch 1)")
-    idle.set_title(f"Latency, machine as is (d={d}, M={m}, K={k})", fontsize=10)
+    idle.set_title(f"Latency, machine as is (d={d}, M={m}, K={k}, {threads} threads)", fontsize=10)
     busy.set_title("Latency, one core kept busy", fontsize=10)
     idle.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
@@ -366,7 +395,7 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, data_path: str |
                 + "\n".join(f"- {w}" for w in words) + "\n")
     written = ["demo.md", "demo.json"]
     if not no_plot:
-        plot(os.path.join(out_dir, "demo.png"), points, latency, title, plan.latency_shape)
+        plot(os.path.join(out_dir, "demo.png"), points, latency, title, plan.latency_shape, torch.get_num_threads())
         written.insert(0, "demo.png")
     print(f"wrote {', '.join(os.path.join(out_dir, w) for w in written)} in {summary['seconds']} s"
           + (f" (for the plot: {PLOT_HINT})" if no_plot else ""))

@@ -70,7 +70,7 @@ def test_demo_plot_reads_its_own_json(report, tmp_path):
     pytest.importorskip("matplotlib")
     _, _, summary = report
     path = tmp_path / "demo.png"
-    demo.plot(str(path), summary["frontier"], summary["latency"], "tiny", demo.QUICK.latency_shape)
+    demo.plot(str(path), summary["frontier"], summary["latency"], "tiny", demo.QUICK.latency_shape, threads=1)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
