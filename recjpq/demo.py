@@ -381,6 +381,10 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, data_path: str |
     points = _frontier(data, plan, started + budget - plan.reserve, progress)
     table = tables(points, latency, plan.latency_shape)
     words = summary_lines(points, latency)
+    load = _load_average()
+    if load is not None and load >= (os.cpu_count() or 1):
+        words.append(f"The machine was busy (load average {load} on {os.cpu_count()} cores): the timings include "
+                     "waiting for a core, and the models trained for fewer epochs than they would on an idle one")
     print(table + "\n\n" + "\n".join(f"- {w}" for w in words))
     summary = {"data": {"source": data_path or "synthetic", "title": title, **stats}, "frontier": points,
                "latency": latency, "summary": words, "pq_topk_backend": backend,
