@@ -99,10 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get on exit")
     srv.add_argument("--log-level", default="info")
 
+    from recjpq.data import FORMATS
+
     demo = sub.add_parser("demo", help="dense vs RecJPQ SASRec: quality-vs-memory frontier and top-k latency "
                                        "across catalogue sizes and load; table, demo.md, demo.json, demo.png")
     demo.add_argument("--data", default=None, help="your interaction file (as for train); default: synthetic data")
-    demo.add_argument("--format", default="auto", help="format of --data, as for train")
+    demo.add_argument("--format", default="auto", choices=FORMATS, help="format of --data, as for train")
     demo.add_argument("--budget", type=float, default=None,
                       help="seconds for training all models plus the latency runs (default 240; 8 with --quick)")
     demo.add_argument("--out", default="demo_out", help="where demo.png, demo.md and demo.json go")

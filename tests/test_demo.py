@@ -94,9 +94,11 @@ def test_busy_core_stops_its_process():
     assert busy.proc.poll() is not None
 
 
-def test_demo_rejects_bad_budget(tmp_path):
+def test_demo_bad_input_is_a_message(tmp_path):
     with pytest.raises(SystemExit, match="budget must be positive"):
         main(["demo", "--quick", "--budget", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="recjpq demo: error: .*no-such-file"):
+        main(["demo", "--quick", "--data", str(tmp_path / "no-such-file.txt"), "--out", str(tmp_path)])
 
 
 def test_sequence_statistics_on_a_known_log():
