@@ -99,8 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get on exit")
     srv.add_argument("--log-level", default="info")
 
-    demo = sub.add_parser("demo", help="synthetic data -> dense vs RecJPQ SASRec: quality and latency table + plot")
-    demo.add_argument("--out", default="demo_out", help="where the plot, table and checkpoints go")
+    from recjpq.data import FORMATS
+
+    demo = sub.add_parser("demo", help="dense vs RecJPQ SASRec: quality-vs-memory frontier and top-k latency "
+                                       "across catalogue sizes and load; table, demo.md, demo.json, demo.png")
+    demo.add_argument("--data", default=None, help="your interaction file (as for train); default: synthetic data")
+    demo.add_argument("--format", default="auto", choices=FORMATS, help="format of --data, as for train")
+    demo.add_argument("--budget", type=float, default=None,
+                      help="seconds for training all models plus the latency runs (default 240; 8 with --quick)")
+    demo.add_argument("--out", default="demo_out", help="where demo.png, demo.md and demo.json go")
     demo.add_argument("--quick", action="store_true", help="a tiny run (seconds), for smoke tests")
     return parser
 
@@ -189,7 +196,10 @@ def main(argv=None) -> None:
     if args.command == "demo":
         from recjpq.demo import run_demo
 
-        run_demo(args.out, quick=args.quick)
+        try:
+            run_demo(args.out, quick=args.quick, data_path=args.data, data_format=args.format, budget=args.budget)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"recjpq demo: error: {e}") from None
         return
     try:
         {"train": _train, "evaluate": _evaluate, "recommend": _recommend, "serve": _serve}[args.command](args)

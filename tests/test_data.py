@@ -98,8 +98,8 @@ def test_length_batches_cover_every_index_once_with_similar_lengths(num, batch_s
 
 
 def test_synthetic_is_deterministic_and_sequential():
-    a = generate_sequences(200, 500, num_clusters=5, mean_length=20, seed=3)
-    b = generate_sequences(200, 500, num_clusters=5, mean_length=20, seed=3)
+    a = generate_sequences(200, 500, num_clusters=5, mean_length=20, markov=0.8, hop=0.9, seed=3)
+    b = generate_sequences(200, 500, num_clusters=5, mean_length=20, markov=0.8, hop=0.9, seed=3)
     assert all(np.array_equal(x, y) for x, y in zip(a.sequences, b.sequences))
     items = np.concatenate(a.sequences)
     assert items.min() >= 1 and items.max() <= 500 and a.num_items == 500
