@@ -25,11 +25,16 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | os.PathLike, model: SequentialRecommender, meta: dict | None = None) -> None:
     """Write ``model`` (and ``meta``: plain Python values and tensors) to ``path`` atomically."""
-    path = os.fspath(path)
     codes = getattr(model.item_embedding, "codes", None)
     payload = {"format": FORMAT, "version": VERSION, "config": dict(model.config),
                "codes": None if codes is None else codes.cpu(),
                "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta or {}}
+    write_atomic(path, payload)
+
+
+def write_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """``torch.save(payload)`` to a temporary file in ``path``'s directory, renamed into place."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
     try:
@@ -56,6 +61,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[Sequen
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable recjpq checkpoint (truncated or corrupt?): {e}") from None
+    if isinstance(payload, dict) and payload.get("format") == "recjpq-patched-model":
+        from recjpq.patch import from_payload  # a converted model (recjpq.patch.save), OPQ rotation included
+
+        return from_payload(payload, path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a recjpq checkpoint (no '{FORMAT}' tag)")
     if payload.get("version") != VERSION:

@@ -1,0 +1,109 @@
+"""Conversion benchmark: a trained dense model -> PQ item table with ``recjpq.convert.distill``.
+
+For each M: full-ranking NDCG@10 / Recall@10 on the whole test split right after quantisation
+(step 0) and then every ``--eval-every`` fine-tuning steps until ``--time-limit`` seconds of
+conversion (quantisation included, evaluations not counted): the quality-vs-time curve. Also the
+item-table bytes (dense fp32 weight vs codes + sub-item embeddings), the conversion's wall and
+CPU seconds and the load average. Writes one JSON; docs/convert.md has the commands and table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.peers import machine  # noqa: E402
+from recjpq.checkpoint import load_checkpoint  # noqa: E402
+from recjpq.convert import distill  # noqa: E402
+from recjpq.data import leave_one_out, load_interactions  # noqa: E402
+from recjpq.evaluation import evaluate  # noqa: E402
+
+
+def table_bytes(model) -> int:
+    """Bytes of the item table as stored: dense weight, or codes + sub-item embeddings (+ rotation)."""
+    return sum(t.numel() * t.element_size() for t in model.item_embedding.state_dict().values())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", required=True, help="dense model.pt written by `python -m recjpq train`")
+    p.add_argument("--splits", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--num-codes", type=int, default=256)
+    p.add_argument("--time-limit", type=float, default=600.0, help="seconds of conversion per M")
+    p.add_argument("--eval-every", type=int, default=50, help="fine-tuning steps between curve points")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--train-encoder", action="store_true")
+    p.add_argument("--encoder-lr", type=float, default=1e-4)
+    p.add_argument("--rotate", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    dense, meta = load_checkpoint(args.checkpoint)
+    data = load_interactions(args.data)
+    if list(meta.get("item_ids", data.item_ids)) != list(data.item_ids):
+        raise SystemExit(f"{args.data} maps item ids differently from the checkpoint's training data")
+    split = leave_one_out(data.sequences)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    base = {**evaluate(dense, split.test), "item_table_bytes": table_bytes(dense)}
+    log(f"dense: {base}")
+    rows = []
+    for m in args.splits:
+        model = copy.deepcopy(dense)
+        curve = []
+
+        def point(step, seconds):
+            metrics = evaluate(model, split.test)
+            curve.append({"step": step, "seconds": round(seconds, 2), **metrics})
+            log(f"M={m} step={step} seconds={seconds:.1f} {metrics}")
+
+        load_before, cpu_before, wall_before = os.getloadavg()[0], time.process_time(), time.perf_counter()
+        result = distill(model, split.train, m, args.num_codes, time_limit=args.time_limit,
+                         batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, temperature=args.temperature,
+                         train_encoder=args.train_encoder, encoder_lr=args.encoder_lr, rotate=args.rotate,
+                         seed=args.seed, callback=point, callback_every=args.eval_every, progress=False)
+        final = curve[-1]
+        row = {"M": m, "quantize_seconds": round(result.quantize_seconds, 2),
+               "convert_seconds": round(result.seconds, 2), "steps": result.steps,
+               "wall_seconds_with_evaluations": round(time.perf_counter() - wall_before, 2),
+               "cpu_seconds_with_evaluations": round(time.process_time() - cpu_before, 2),
+               "loadavg_1min_start_end": [load_before, os.getloadavg()[0]],
+               "ndcg@10_quantized": curve[0]["ndcg@10"], "recall@10_quantized": curve[0]["recall@10"],
+               "ndcg@10": final["ndcg@10"], "recall@10": final["recall@10"],
+               "ndcg@10_vs_dense": round(final["ndcg@10"] / base["ndcg@10"] - 1, 4),
+               "item_table_bytes": table_bytes(model),
+               "memory_ratio_vs_dense": round(base["item_table_bytes"] / table_bytes(model), 2),
+               "loss_first_last": [result.losses[0], result.losses[-1]] if result.losses else None, "curve": curve}
+        log(f"M={m}: { {k: v for k, v in row.items() if k != 'curve'} }")
+        rows.append(row)
+
+    result = {"benchmark": "convert a trained dense model to PQ with recjpq.convert.distill",
+              "machine": machine(), "data": os.path.abspath(args.data),
+              "command": " ".join(["python", "bench/convert_bench.py"] + (argv if argv is not None else sys.argv[1:])),
+              "checkpoint_config": dense.config, "checkpoint_metrics": meta.get("metrics"),
+              "num_items": dense.num_items, "test_users": len(split.test), "settings": vars(args),
+              "dense": base, "converted": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
