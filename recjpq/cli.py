@@ -108,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--method", default="kmeans", choices=("kmeans", "svd"), help="initial codes")
     conv.add_argument("--rotate", action="store_true", help="learn an OPQ rotation before quantising")
     conv.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole conversion")
+    conv.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                      help="what --time-limit counts (cpu: this process's CPU seconds, for shared machines)")
     conv.add_argument("--steps", type=_positive_int, default=None, help="stop after this many fine-tuning steps")
     conv.add_argument("--batch-size", type=_positive_int, default=128, help="training sequences per step")
     conv.add_argument("--lr", type=float, default=2e-3, help="sub-item embeddings' learning rate")
@@ -221,7 +223,7 @@ def _convert(args) -> None:
         print(f"dense: {json.dumps(scores['dense'])}", file=sys.stderr)
     dense_bytes = sum(t.numel() * t.element_size() for t in model.item_embedding.state_dict().values())
     start = time.perf_counter()
-    result = distill(model, split.train, args.splits, args.num_codes, time_limit=args.time_limit, steps=args.steps,
+    result = distill(model, split.train, args.splits, args.num_codes, time_limit=args.time_limit, clock=args.clock, steps=args.steps,
                      batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, temperature=args.temperature,
                      train_encoder=args.train_encoder, encoder_lr=args.encoder_lr, seed=args.seed,
                      method=args.method, rotate=args.rotate, progress=not args.no_progress)

@@ -25,6 +25,7 @@ from recjpq.data.split import batches, pad_left
 from recjpq.nn.pq_embedding import PQEmbedding
 
 METHODS = ("kmeans", "svd")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -470,8 +471,9 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
             steps: int | None = None, time_limit: float | None = None, epochs: int | None = None,
             batch_size: int = 128, lr: float = 2e-3, alpha: float = 0.5, temperature: float = 1.0,
             train_encoder: bool = False, encoder_lr: float = 1e-4, max_len: int | None = None,
-            chunk: int = 2048, seed: int = 0, callback: Callable[[int, float], None] | None = None,
-            callback_every: int = 100, progress: bool = True, **quantize_kwargs) -> DistillResult:
+            chunk: int = 2048, seed: int = 0, clock: str = "wall",
+            callback: Callable[[int, float], None] | None = None, callback_every: int = 100, progress: bool = True,
+            **quantize_kwargs) -> DistillResult:
     """Convert a trained dense model to PQ in place and fine-tune it with itself as the teacher.
 
     ``model`` is patched with ``recjpq.patch.patch_item_scoring`` (``quantize_kwargs``: method,
@@ -485,7 +487,8 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
 
     Stops after ``steps`` optimiser steps, ``time_limit`` seconds (of the whole conversion,
     quantisation included) or ``epochs`` passes, whichever comes first (one epoch if none is
-    given). ``callback(step, seconds)`` runs right after quantisation (step 0), every
+    given); ``clock="cpu"`` counts this process's CPU seconds instead of wall seconds (on a shared
+    machine, the time the conversion would take alone with the same threads). ``callback(step, seconds)`` runs right after quantisation (step 0), every
     ``callback_every`` steps and at the end, with the model in eval mode (e.g. a validation for a
     quality-vs-time curve); its time is not counted. ``max_len``: the sequence length the model reads (default
     ``model.config["max_len"]`` for ``recjpq.models``; required for SASRec.pytorch-style models).
@@ -511,18 +514,21 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
             _check_positive_int(name, value)
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {clock!r}")
+    now = CLOCKS[clock]
     if steps is None and time_limit is None and epochs is None:
         epochs = 1
     train = [np.asarray(s, dtype=np.int64) for s in data if len(s) >= 2]
     if not train:
         raise ValueError("data has no sequence of two or more items to learn from")
 
-    start = time.perf_counter()
+    start = now()
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     pq = patch_item_scoring(model, num_splits, num_codes, seed=seed, **quantize_kwargs)
-    result = DistillResult(pq, quantize_seconds=time.perf_counter() - start)
+    result = DistillResult(pq, quantize_seconds=now() - start)
     teacher_table = teacher.item_emb if style == "sasrec.pytorch" else teacher.item_embedding
     items = torch.arange(pq.num_embeddings, device=pq.codes.device)
     if pq.padding_idx is not None:
@@ -543,7 +549,7 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     model.train(train_encoder)
     rng = np.random.default_rng(seed)
     bar = tqdm(total=steps, desc=f"distil M={num_splits}", disable=not progress, leave=False)
-    spent, epoch = time.perf_counter() - start, 0
+    spent, epoch = now() - start, 0
     done = time_limit is not None and spent >= time_limit
     try:
         if callback is not None:
@@ -553,7 +559,7 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
         while not done:
             epoch += 1
             for idx in batches(len(train), batch_size, rng):
-                start = time.perf_counter()
+                start = now()
                 hidden, teacher_hidden, targets = _sequence_states(model, teacher, style, [train[j] for j in idx],
                                                                    max_len, rng)
                 loss = distillation_loss(hidden, pq.weight[items], teacher_hidden, teacher_weight,
@@ -561,7 +567,7 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                spent += time.perf_counter() - start
+                spent += now() - start
                 result.steps += 1
                 result.losses.append(loss.item())
                 bar.update(1)
