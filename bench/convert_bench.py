@@ -68,6 +68,19 @@ def main(argv=None) -> None:
     base = {**evaluate(dense, split.test), "item_table_bytes": table_bytes(dense)}
     log(f"dense: {base}")
     rows = []
+    report = {"benchmark": "convert a trained dense model to PQ with recjpq.convert.distill",
+              "machine": machine(), "data": os.path.abspath(args.data),
+              "command": " ".join(["python", "bench/convert_bench.py"] + (argv if argv is not None else sys.argv[1:])),
+              "checkpoint_config": dense.config, "checkpoint_metrics": meta.get("metrics"),
+              "num_items": dense.num_items, "test_users": len(split.test), "settings": vars(args),
+              "dense": base, "converted": rows, "in_progress": None}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def write():
+        """The JSON so far (after every curve point, so an interrupted run keeps what it measured)."""
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
     for m in args.splits:
         model = copy.deepcopy(dense)
         curve = []
@@ -76,12 +89,15 @@ def main(argv=None) -> None:
             metrics = evaluate(model, split.test)
             curve.append({"step": step, "seconds": round(seconds, 2), **metrics})
             log(f"M={m} step={step} seconds={seconds:.1f} {metrics}")
+            report["in_progress"] = {"M": m, "item_table_bytes": table_bytes(model), "curve": curve}
+            write()
 
         load_before, cpu_before, wall_before = os.getloadavg()[0], time.process_time(), time.perf_counter()
         result = distill(model, split.train, m, args.num_codes, time_limit=args.time_limit,
                          batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, temperature=args.temperature,
                          train_encoder=args.train_encoder, encoder_lr=args.encoder_lr, rotate=args.rotate,
-                         seed=args.seed, clock=args.clock, callback=point, callback_every=args.eval_every, progress=False)
+                         seed=args.seed, clock=args.clock, callback=point, callback_every=args.eval_every,
+                         progress=False)
         final = curve[-1]
         row = {"M": m, "quantize_seconds": round(result.quantize_seconds, 2),
                "convert_seconds": round(result.seconds, 2), "steps": result.steps,
@@ -97,15 +113,8 @@ def main(argv=None) -> None:
         log(f"M={m}: { {k: v for k, v in row.items() if k != 'curve'} }")
         rows.append(row)
 
-    result = {"benchmark": "convert a trained dense model to PQ with recjpq.convert.distill",
-              "machine": machine(), "data": os.path.abspath(args.data),
-              "command": " ".join(["python", "bench/convert_bench.py"] + (argv if argv is not None else sys.argv[1:])),
-              "checkpoint_config": dense.config, "checkpoint_metrics": meta.get("metrics"),
-              "num_items": dense.num_items, "test_users": len(split.test), "settings": vars(args),
-              "dense": base, "converted": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    report["in_progress"] = None
+    write()
     log(f"wrote {args.out}")
 
 
