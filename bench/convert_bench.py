@@ -32,6 +32,16 @@ def table_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in model.item_embedding.state_dict().values())
 
 
+def load_dense(checkpoint: str, data_path: str):
+    """``(dense model, checkpoint meta, leave-one-out split)``; exits if the data's item ids are not
+    the checkpoint's."""
+    dense, meta = load_checkpoint(checkpoint)
+    data = load_interactions(data_path)
+    if list(meta.get("item_ids", data.item_ids)) != list(data.item_ids):
+        raise SystemExit(f"{data_path} maps item ids differently from the checkpoint's training data")
+    return dense, meta, leave_one_out(data.sequences)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", required=True)
@@ -56,11 +66,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    dense, meta = load_checkpoint(args.checkpoint)
-    data = load_interactions(args.data)
-    if list(meta.get("item_ids", data.item_ids)) != list(data.item_ids):
-        raise SystemExit(f"{args.data} maps item ids differently from the checkpoint's training data")
-    split = leave_one_out(data.sequences)
+    dense, meta, split = load_dense(args.checkpoint, args.data)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -48,6 +48,17 @@ def write_atomic(path: str | os.PathLike, payload: dict) -> None:
         raise
 
 
+def read_payload(path: str, map_location="cpu"):
+    """What ``torch.load(weights_only=True)`` reads from ``path``; ``FileNotFoundError`` /
+    ``CheckpointError`` for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable recjpq checkpoint (truncated or corrupt?): {e}") from None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[SequentialRecommender, dict]:
     """``(model in eval mode, meta)`` from a file written by ``save_checkpoint``.
 
@@ -55,12 +66,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[Sequen
     corrupt or foreign file or an unsupported format version.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable recjpq checkpoint (truncated or corrupt?): {e}") from None
+    payload = read_payload(path, map_location)
     if isinstance(payload, dict) and payload.get("format") == "recjpq-patched-model":
         from recjpq.patch import from_payload  # a converted model (recjpq.patch.save), OPQ rotation included
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import inspect
 import os
-import pickle
 import types
-import zipfile
 from typing import Callable
 
 import torch
@@ -193,15 +191,10 @@ def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module] | nn.Mo
     ``patch_item_scoring`` does, then the saved weights are loaded (strictly). For a
     ``recjpq.models`` model it may be None (the model is rebuilt from the saved config).
     """
-    from recjpq.checkpoint import CheckpointError
+    from recjpq.checkpoint import CheckpointError, read_payload
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"converted model not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable converted model (truncated or corrupt?): {e}") from None
+    payload = read_payload(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} was not written by recjpq.patch.save (no '{FORMAT}' tag)")
     return from_payload(payload, path, model_factory)

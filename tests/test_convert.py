@@ -198,21 +198,18 @@ def teacher_agreement(student_scores, teacher_scores):
 
 
 def trained_dense_sasrec(seed=0):
+    """30 full-batch CE steps of a tiny dense SASRec on ``sequences()``: a teacher with opinions."""
     from recjpq.data import pad_left
-    from recjpq.models import softmax_cross_entropy
+    from recjpq.training import TrainConfig, training_loss
 
     torch.manual_seed(seed)
     model = SASRec(NUM_ITEMS, 16, num_layers=1, max_len=MAX_LEN, dropout=0.0)
     data = sequences()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    seqs = pad_left(data, MAX_LEN + 1)
+    seqs, config, rng = pad_left(data, MAX_LEN + 1), TrainConfig(loss="ce"), np.random.default_rng(seed)
     for _ in range(30):
-        inputs, targets = model.training_example(seqs, None)
-        hidden = model.encode(inputs)
-        keep = targets != 0
-        loss = softmax_cross_entropy(model.scorer, hidden[keep], targets[keep])
         optimizer.zero_grad()
-        loss.backward()
+        training_loss(model, seqs, config, rng, torch.Generator()).backward()
         optimizer.step()
     return model.eval(), data
 
