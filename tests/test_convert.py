@@ -409,3 +409,16 @@ def test_cli_convert_writes_a_checkpoint_recjpq_can_load(tmp_path, rotate):
     with pytest.raises(SystemExit, match="item catalogue"):
         main(["convert", str(tmp_path / "dense.pt"), "--data", str(tmp_path / "other.txt"), "--splits", "4",
               "--out", str(out)])
+
+
+@pytest.mark.parametrize("name", ["bert4rec", "gru4rec"])
+def test_distill_our_other_models(name):
+    from recjpq.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, NUM_ITEMS, dim=16, num_layers=1, max_len=MAX_LEN).eval()
+    result = distill(model, sequences(), 4, 8, steps=3, batch_size=16, iters=3, progress=False)
+    assert result.steps == 3 and all(np.isfinite(result.losses))
+    assert isinstance(model.item_embedding, PQEmbedding) and model.config["item_embedding"] == "recjpq"
+    values, ids = model.recommend([[1, 2, 3]], k=5)
+    assert ids.shape == (1, 5) and (ids > 0).all()
