@@ -42,10 +42,35 @@ def load_dense(checkpoint: str, data_path: str):
     return dense, meta, leave_one_out(data.sequences)
 
 
+def markdown_table(paths: list[str]) -> str:
+    """The docs table from result JSONs: one row per (data, M), a run still in progress included."""
+    lines = ["| data | M | NDCG@10 dense / quantised / distilled | vs dense | Recall@10 dense / quantised / distilled "
+             "| first within 2% of dense NDCG@10 (CPU s) | conversion CPU s (steps) | item table bytes dense -> PQ |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        with open(path) as f:
+            report = json.load(f)
+        dense = report["dense"]
+        runs = [(row, "") for row in report["converted"]]
+        if report.get("in_progress"):
+            runs.append((report["in_progress"], " (stopped early)"))
+        for row, note in runs:
+            curve, final = row["curve"], row["curve"][-1]
+            near = next((p["seconds"] for p in curve if p["ndcg@10"] >= 0.98 * dense["ndcg@10"]), None)
+            lines.append(
+                f"| {os.path.basename(os.path.dirname(report['data']))} | {row['M']} | {dense['ndcg@10']:.4f} / {curve[0]['ndcg@10']:.4f} / "
+                f"{final['ndcg@10']:.4f} | {final['ndcg@10'] / dense['ndcg@10'] - 1:+.1%} | {dense['recall@10']:.4f} / "
+                f"{curve[0]['recall@10']:.4f} / {final['recall@10']:.4f} | {'not reached' if near is None else near} | "
+                f"{final['seconds']:.0f} ({final['step']}){note} | {dense['item_table_bytes']:,} -> "
+                f"{row['item_table_bytes']:,} ({dense['item_table_bytes'] / row['item_table_bytes']:.2f}x) |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", required=True)
-    p.add_argument("--checkpoint", required=True, help="dense model.pt written by `python -m recjpq train`")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="only print the markdown table of these results")
+    p.add_argument("--data")
+    p.add_argument("--checkpoint", help="dense model.pt written by `python -m recjpq train`")
     p.add_argument("--splits", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--num-codes", type=int, default=256)
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds of conversion per M")
@@ -62,8 +87,13 @@ def main(argv=None) -> None:
     p.add_argument("--rotate", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table))
+        return
+    if not (args.data and args.checkpoint and args.out):
+        p.error("--data, --checkpoint and --out are required (or --table)")
     torch.set_num_threads(args.threads)
 
     dense, meta, split = load_dense(args.checkpoint, args.data)
