@@ -47,6 +47,7 @@ def markdown_table(paths: list[str]) -> str:
     lines = ["| data | M | NDCG@10 dense / quantised / distilled | vs dense | Recall@10 dense / quantised / distilled "
              "| first within 2% of dense NDCG@10 (CPU s) | conversion CPU s (steps) | item table bytes dense -> PQ |",
              "|---|---|---|---|---|---|---|---|"]
+    curve_lines = ["", "Quality against conversion time (CPU s: NDCG@10):", ""]
     for path in paths:
         with open(path) as f:
             report = json.load(f)
@@ -63,7 +64,10 @@ def markdown_table(paths: list[str]) -> str:
                 f"{curve[0]['recall@10']:.4f} / {final['recall@10']:.4f} | {'not reached' if near is None else near} | "
                 f"{final['seconds']:.0f} ({final['step']}){note} | {dense['item_table_bytes']:,} -> "
                 f"{row['item_table_bytes']:,} ({dense['item_table_bytes'] / row['item_table_bytes']:.2f}x) |")
-    return "\n".join(lines)
+            curve_lines.append(f"- {os.path.basename(os.path.dirname(report['data']))} M={row['M']} (dense "
+                               f"{dense['ndcg@10']:.4f}): " + ", ".join(f"{p['seconds']:.0f}: {p['ndcg@10']:.4f}"
+                                                                        for p in curve))
+    return "\n".join(lines + curve_lines)
 
 
 def main(argv=None) -> None:
