@@ -134,12 +134,17 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
 
 def save_checkpoint(path: str | os.PathLike, model: SequentialRecommender, meta: dict | None = None) -> None:
     """Write ``model`` (and ``meta``: plain Python values and tensors) to ``path`` atomically."""
-    path = os.fspath(path)
     codes = getattr(model.item_embedding, "codes", None)
     payload = {"format": FORMAT, "version": VERSION, "config": dict(model.config),
                "codes": None if codes is None else codes.cpu(),
                "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta or {}}
     payload["checksum"] = checksum(payload)
+    write_atomic(path, payload)
+
+
+def write_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """``torch.save(payload)`` to a temporary file in ``path``'s directory, renamed into place."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     remove_stale_temporaries(directory)
     # the writer's host and PID in the name let a later save tell an orphan from a live save
@@ -219,6 +224,18 @@ def _check_item_ids(meta, num_items: int) -> str | None:
     return None
 
 
+def read_payload(path: str, map_location="cpu"):
+    """What ``torch.load(weights_only=True)`` reads from ``path``; ``FileNotFoundError`` /
+    ``CheckpointError`` for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip, pickle, EOF, OS and weights_only refusals alike: the file is unusable
+        raise CheckpointError(f"{path} is not a readable recjpq checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[SequentialRecommender, dict]:
     """``(model in eval mode, meta)`` from a file written by ``save_checkpoint``.
 
@@ -227,13 +244,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[Sequen
     version, a checksum mismatch (bit flips), or content that does not make a valid model.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # zip, pickle, EOF, OS and weights_only refusals alike: the file is unusable
-        raise CheckpointError(f"{path} is not a readable recjpq checkpoint (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}") from None
+    payload = read_payload(path, map_location)
+    if isinstance(payload, dict) and payload.get("format") == "recjpq-patched-model":
+        from recjpq.patch import from_payload  # a converted model (recjpq.patch.save), OPQ rotation included
+
+        return from_payload(payload, path)
 
     def fail(problem: str) -> CheckpointError:
         return CheckpointError(f"{path}: {problem}")

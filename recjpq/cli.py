@@ -1,4 +1,4 @@
-"""The ``recjpq`` command: train, evaluate, recommend, serve, demo. Run ``recjpq <command> -h``."""
+"""The ``recjpq`` command: train, evaluate, recommend, serve, convert, demo. Run ``recjpq <command> -h``."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,31 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds in-flight requests get on exit")
     srv.add_argument("--log-level", default="info")
 
+    conv = sub.add_parser("convert", help="dense checkpoint -> PQ item table, fine-tuned with the dense model as "
+                                          "teacher (recjpq.convert.distill); writes model.pt and metrics.json")
+    conv.add_argument("checkpoint", help="a dense model.pt written by `recjpq train`")
+    _add_data_args(conv)
+    conv.add_argument("--splits", type=_positive_int, required=True, help="M, sub-ids per item (must divide d)")
+    conv.add_argument("--num-codes", type=_positive_int, default=256, help="K, sub-ids per split")
+    conv.add_argument("--method", default="kmeans", choices=("kmeans", "svd"), help="initial codes")
+    conv.add_argument("--rotate", action="store_true", help="learn an OPQ rotation before quantising")
+    conv.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole conversion")
+    conv.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                      help="what --time-limit counts (cpu: this process's CPU seconds, for shared machines)")
+    conv.add_argument("--steps", type=_positive_int, default=None, help="stop after this many fine-tuning steps")
+    conv.add_argument("--batch-size", type=_positive_int, default=128, help="training sequences per step")
+    conv.add_argument("--lr", type=float, default=2e-3, help="sub-item embeddings' learning rate")
+    conv.add_argument("--alpha", type=float, default=0.5, help="weight of distillation vs the task's CE loss")
+    conv.add_argument("--temperature", type=float, default=1.0)
+    conv.add_argument("--train-encoder", action="store_true", help="fine-tune the rest of the model too")
+    conv.add_argument("--encoder-lr", type=float, default=1e-4)
+    conv.add_argument("--no-evaluate", dest="evaluate", action="store_false",
+                      help="skip the full-ranking test metrics before and after")
+    conv.add_argument("--exclude-seen", action="store_true", help="evaluate ranking only items not in the history")
+    conv.add_argument("--seed", type=int, default=0)
+    conv.add_argument("--out", required=True, help="output directory")
+    conv.add_argument("--no-progress", action="store_true")
+
     from recjpq.data import FORMATS
 
     demo = sub.add_parser("demo", help="dense vs RecJPQ SASRec: quality-vs-memory frontier and top-k latency "
@@ -189,6 +214,51 @@ def _serve(args) -> None:
           max_users=args.max_users)
 
 
+def _convert(args) -> None:
+    import time
+
+    from recjpq.checkpoint import load_checkpoint, save_checkpoint
+    from recjpq.convert import distill
+    from recjpq.data import leave_one_out, load_interactions
+    from recjpq.evaluation import evaluate
+    from recjpq.patch import save
+
+    model, meta = load_checkpoint(args.checkpoint)
+    data = load_interactions(args.data, args.format, min_rating=args.min_rating)
+    if list(meta.get("item_ids", data.item_ids)) != list(data.item_ids):
+        raise ValueError(f"{args.data} does not have the item catalogue of {args.checkpoint}: convert on the data "
+                         "the model was trained on")
+    split = leave_one_out(data.sequences)
+    scores = {}
+    if args.evaluate:
+        scores["dense"] = evaluate(model, split.test, exclude_seen=args.exclude_seen)
+        print(f"dense: {json.dumps(scores['dense'])}", file=sys.stderr)
+    dense_bytes = sum(t.numel() * t.element_size() for t in model.item_embedding.state_dict().values())
+    start = time.perf_counter()
+    result = distill(model, split.train, args.splits, args.num_codes, time_limit=args.time_limit, clock=args.clock, steps=args.steps,
+                     batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, temperature=args.temperature,
+                     train_encoder=args.train_encoder, encoder_lr=args.encoder_lr, seed=args.seed,
+                     method=args.method, rotate=args.rotate, progress=not args.no_progress)
+    summary = {"splits": args.splits, "num_codes": args.num_codes, "steps": result.steps,
+               "quantize_seconds": round(result.quantize_seconds, 2), "convert_seconds": round(result.seconds, 2),
+               "wall_seconds": round(time.perf_counter() - start, 2), "dense_item_table_bytes": dense_bytes,
+               "item_table_bytes": sum(t.numel() * t.element_size() for t in result.embedding.state_dict().values()),
+               "final_loss": result.losses[-1] if result.losses else None, "args": vars(args)}
+    if args.evaluate:
+        scores["converted"] = evaluate(model, split.test, exclude_seen=args.exclude_seen)
+    summary.update(scores)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "model.pt")
+    meta = {**meta, "conversion": {k: v for k, v in summary.items() if k != "args"}}
+    if args.rotate:  # the rotation is not part of a recjpq.models config: recjpq.patch's format keeps it
+        save(model, path, meta)
+    else:
+        save_checkpoint(path, model, meta)
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: v for k, v in summary.items() if k != "args"}))
+
+
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     if args.threads is not None:
@@ -202,7 +272,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"recjpq demo: error: {e}") from None
         return
     try:
-        {"train": _train, "evaluate": _evaluate, "recommend": _recommend, "serve": _serve}[args.command](args)
+        {"train": _train, "evaluate": _evaluate, "recommend": _recommend, "serve": _serve,
+         "convert": _convert}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"recjpq {args.command}: error: {e}") from None
 

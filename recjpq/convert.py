@@ -10,20 +10,32 @@ the sub-item embeddings with the model's own loss while the codes stay fixed.
 """
 from __future__ import annotations
 
-from typing import Callable
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from recjpq.codes.assign import codes_dtype
+from recjpq.data.split import batches, pad_left
 from recjpq.nn.pq_embedding import PQEmbedding
 
 METHODS = ("kmeans", "svd")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def valid_num_splits(dim: int) -> list[int]:
+    """The M that divide an embedding of size ``dim`` (what ``quantize`` accepts)."""
+    return [m for m in range(1, dim + 1) if dim % m == 0]
 
 
 def _split(x: torch.Tensor, num_splits: int) -> torch.Tensor:
@@ -49,6 +61,55 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor, progress: bool = False) -
         block = x[:, start:start + chunk]
         out[:, start:start + chunk] = torch.baddbmm(norms, block, centroids.transpose(1, 2), alpha=-2).argmin(-1)
     return out
+
+
+def _unique_rows(x: torch.Tensor, codes: torch.Tensor, centroids: torch.Tensor, skip: int | None,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Codes ``[N, M]`` int64 in which no two items (``skip`` aside) share all M sub-ids, when
+    K^M allows it: an item whose row an earlier item already holds moves to the free row that
+    raises its squared reconstruction error least (one split moved to another centroid; failing
+    that, the next free row in mixed-radix order from a random start). Items that share a row
+    would always tie in every ranking. ``x`` ``[M, N, dsub]`` are the sub-vectors the codes encode.
+    """
+    num_items, num_splits = codes.shape
+    num_codes = centroids.shape[1]
+    keep = torch.ones(num_items, dtype=torch.bool, device=codes.device)
+    if skip is not None:
+        keep[skip] = False
+    if num_codes ** num_splits < int(keep.sum()):
+        return codes
+    ids = keep.nonzero().squeeze(1)
+    _, inverse = torch.unique(codes[ids], dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(ids), device=codes.device).scatter_reduce(
+        0, inverse, torch.arange(len(ids), device=codes.device), "amin")
+    moved = ids[first[inverse] != torch.arange(len(ids), device=codes.device)]
+    if not len(moved):
+        return codes
+    codes = codes.clone()
+    taken = set(map(tuple, codes[ids].tolist()))
+    dist = (x[:, moved].unsqueeze(2) - centroids.unsqueeze(1)).square().sum(-1)  # [M, D, K]
+    cost = dist - dist.gather(2, codes[moved].T.unsqueeze(2))  # extra error of each single move
+    for j, item in enumerate(moved.tolist()):
+        row = codes[item].tolist()
+        for flat in cost[:, j].flatten().argsort().tolist():
+            m, k = divmod(flat, num_codes)
+            candidate = tuple(row[:m] + [k] + row[m + 1:])
+            if k != row[m] and candidate not in taken:
+                break
+        else:
+            total = num_codes ** num_splits
+            start = int(torch.randint(0, 1 << 62, (1,), generator=generator)) % total
+            for step in range(total):
+                value, digits = (start + step) % total, []
+                for _ in range(num_splits):
+                    value, digit = divmod(value, num_codes)
+                    digits.append(digit)
+                candidate = tuple(reversed(digits))
+                if candidate not in taken:
+                    break
+        taken.add(candidate)
+        codes[item] = torch.tensor(candidate, device=codes.device)
+    return codes
 
 
 def _centroid_means(x: torch.Tensor, assign: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +206,7 @@ def _procrustes(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method: str = "kmeans", *,
              iters: int = 25, rotate: bool = False, opq_iters: int = 10, train_size: int | None = None,
-             padding_idx: int | None = None, seed: int = 0, progress: bool = False):
+             padding_idx: int | None = None, unique: bool = True, seed: int = 0, progress: bool = False):
     """Product-quantise an item matrix.
 
     Args:
@@ -158,6 +219,9 @@ def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method
         rotate: learn an OPQ rotation first (``opq_iters`` alternations of k-means and Procrustes).
         train_size: rows sampled to fit k-means; default ``256 * K`` (FAISS's rule), all rows if fewer.
         padding_idx: a row left out of the fit (a padding row of zeros); it still gets codes.
+        unique: give every item (the padding row aside) its own code row when K^M allows it
+            (an item whose nearest row is taken moves to the free row closest to it), so no two
+            items always tie.
         progress: tqdm bars for the OPQ and k-means rounds and the final assignment.
 
     Returns:
@@ -177,7 +241,8 @@ def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method
     _check_positive_int("opq_iters", opq_iters)
     num_items, dim = weight.shape
     if dim % num_splits:
-        raise ValueError(f"the embedding dim {dim} must be divisible by num_splits={num_splits}")
+        raise ValueError(f"the embedding dim {dim} must be divisible by num_splits={num_splits}; "
+                         f"valid num_splits for d={dim}: {', '.join(map(str, valid_num_splits(dim)))}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if train_size is None:
@@ -219,7 +284,11 @@ def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method
         centroids = train(fit, iters, centroids)
     else:
         centroids = train(fit, iters)
-    codes = _nearest(_split(x, num_splits), centroids, progress).T.to(codes_dtype(num_codes)).contiguous()
+    x = _split(x, num_splits)
+    codes = _nearest(x, centroids, progress).T
+    if unique:
+        codes = _unique_rows(x, codes, centroids, padding_idx, generator)
+    codes = codes.to(codes_dtype(num_codes)).contiguous()
     centroids = centroids.to(weight.dtype).contiguous()
     return (codes, centroids) if rotation is None else (codes, centroids, rotation.to(weight.dtype))
 
@@ -270,3 +339,255 @@ def finetune(embedding: PQEmbedding, loss_fn: Callable[[], torch.Tensor], steps:
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     return losses
+
+
+class _DistillLoss(torch.autograd.Function):
+    """Per-row ``(1 - alpha) * CE(z, target) + alpha * T^2 * KL(softmax(zt / T) || softmax(z / T))``
+    with student logits ``z = h @ W.T`` and teacher logits ``zt = ht @ Wt.T`` over all N rows,
+    streamed over item chunks (online log-sum-exps) so memory is O(B x chunk), never B x N.
+    The backward pass recomputes each chunk's logits: ``dz = (1 - alpha) (p - onehot) +
+    alpha T (p_T - pt_T)``."""
+
+    @staticmethod
+    def forward(ctx, h, weight, teacher_h, teacher_weight, targets, alpha: float, temperature: float, chunk: int):
+        scale = 1.0 / temperature
+        rows = h.shape[0]
+        lse = h.new_full((rows,), float("-inf"))  # student, T = 1
+        lse_t = lse.clone()  # student at T
+        lse_teacher = lse.clone()  # teacher at T
+        # running sums of exp(zt - lse_teacher_so_far) * student logit / * teacher logit (both at T)
+        cross, self_term = h.new_zeros(rows), h.new_zeros(rows)
+        for start in range(0, weight.shape[0], chunk):
+            z = h @ weight[start:start + chunk].T
+            zt = (teacher_h @ teacher_weight[start:start + chunk].T) * scale
+            lse = torch.logaddexp(lse, torch.logsumexp(z, 1))
+            if temperature != 1.0:
+                lse_t = torch.logaddexp(lse_t, torch.logsumexp(z * scale, 1))
+            new = torch.logaddexp(lse_teacher, torch.logsumexp(zt, 1))
+            rescale = torch.exp(lse_teacher - new)
+            p = torch.exp(zt - new.unsqueeze(1))
+            cross = cross * rescale + (p * z).sum(1) * scale
+            self_term = self_term * rescale + (p * zt).sum(1)
+            lse_teacher = new
+        if temperature == 1.0:
+            lse_t = lse
+        target_logit = (h * weight[targets]).sum(1)
+        kl = self_term - lse_teacher - cross + lse_t
+        ctx.save_for_backward(h, weight, teacher_h, teacher_weight, targets, lse, lse_t, lse_teacher)
+        ctx.args = (alpha, temperature, chunk)
+        return (1.0 - alpha) * (lse - target_logit) + alpha * temperature ** 2 * kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, teacher_h, teacher_weight, targets, lse, lse_t, lse_teacher = ctx.saved_tensors
+        alpha, temperature, chunk = ctx.args
+        scale = 1.0 / temperature
+        grad = grad.contiguous()
+        dh = torch.zeros_like(h)
+        dweight = torch.zeros_like(weight)
+        for start in range(0, weight.shape[0], chunk):
+            w = weight[start:start + chunk]
+            z = h @ w.T
+            pt = torch.exp((teacher_h @ teacher_weight[start:start + chunk].T) * scale - lse_teacher.unsqueeze(1))
+            dz = (1.0 - alpha) * torch.exp(z - lse.unsqueeze(1))
+            dz += (alpha * temperature) * (torch.exp(z * scale - lse_t.unsqueeze(1)) - pt)
+            dz *= grad.unsqueeze(1)
+            dh += dz @ w
+            dweight[start:start + chunk] = dz.T @ h
+        target_grad = (-(1.0 - alpha)) * grad.unsqueeze(1)
+        dh += target_grad * weight[targets]
+        dweight.index_add_(0, targets, target_grad * h)
+        return dh, dweight, None, None, None, None, None, None
+
+
+def distillation_loss(h: torch.Tensor, weight: torch.Tensor, teacher_h: torch.Tensor, teacher_weight: torch.Tensor,
+                      targets: torch.Tensor, *, alpha: float = 0.5, temperature: float = 1.0,
+                      chunk: int = 2048) -> torch.Tensor:
+    """Mean over rows of ``(1 - alpha) * CE(h @ weight.T, targets) + alpha * T^2 *
+    KL(softmax(teacher_h @ teacher_weight.T / T) || softmax(h @ weight.T / T))``: the task loss
+    plus distillation of the teacher's full-catalogue score distribution.
+
+    Streams over ``chunk`` items at a time (O(B x chunk) memory, no B x N logits or gradients);
+    differentiable in ``h [B, d]`` and ``weight [N, d]`` (a PQ table decoded with ``PQEmbedding.weight``
+    passes its gradient on to the sub-item embeddings). ``targets [B]`` index rows of ``weight``.
+    """
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"h [B, d] and weight [N, d] must agree in d, got {tuple(h.shape)} and {tuple(weight.shape)}")
+    if teacher_h.shape[0] != h.shape[0] or teacher_h.shape[1] != teacher_weight.shape[1] or \
+            teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"teacher_h {tuple(teacher_h.shape)} / teacher_weight {tuple(teacher_weight.shape)} do not "
+                         f"match h {tuple(h.shape)} / weight {tuple(weight.shape)}")
+    if targets.shape != (h.shape[0],):
+        raise ValueError(f"targets must be [B={h.shape[0]}], got {tuple(targets.shape)}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(f"targets must index rows of weight in [0, {weight.shape[0]})")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    _check_positive_int("chunk", chunk)
+    losses = _DistillLoss.apply(h.float(), weight.float(), teacher_h.detach().float(),
+                                teacher_weight.detach().float(), targets.long(), float(alpha), float(temperature),
+                                chunk)
+    return losses.mean()
+
+
+@dataclass
+class DistillResult:
+    """What ``distill`` did: the installed table, the seconds quantisation took, the optimiser
+    steps taken, the seconds of the whole conversion (quantisation included, callbacks excluded)
+    and the loss of every step."""
+
+    embedding: PQEmbedding
+    quantize_seconds: float = 0.0
+    steps: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def _sequence_states(model: nn.Module, teacher: nn.Module, style: str, rows: list[np.ndarray], max_len: int,
+                     rng: np.random.Generator):
+    """Student and teacher states ``[T, d]`` at every position of a batch of training sequences
+    that has a next item, and those next items ``[T]`` (ids)."""
+    device = next(model.parameters()).device
+    if style == "recjpq":
+        causal = model.config["model"] != "bert4rec"
+        seqs = pad_left(rows, model.batch_width(rows, max_len + causal)).to(device)
+        inputs, targets = model.training_example(seqs, rng)
+        hidden = model.encode(inputs)
+        with torch.no_grad():
+            teacher_hidden = teacher.encode(inputs)
+    else:  # sasrec.pytorch: numpy left-padded log_seqs, positions predict the next item
+        seqs = pad_left(rows, max_len + 1)
+        inputs, targets = seqs[:, :-1].numpy(), seqs[:, 1:].to(device)
+        hidden = model.log2feats(inputs)
+        with torch.no_grad():
+            teacher_hidden = teacher.log2feats(inputs)
+    has_target = targets != 0
+    return hidden[has_target], teacher_hidden[has_target], targets[has_target]
+
+
+def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_codes: int = 256, *,
+            steps: int | None = None, time_limit: float | None = None, epochs: int | None = None,
+            batch_size: int = 128, lr: float = 2e-3, alpha: float = 0.5, temperature: float = 1.0,
+            train_encoder: bool = False, encoder_lr: float = 1e-4, max_len: int | None = None,
+            chunk: int = 2048, seed: int = 0, clock: str = "wall",
+            callback: Callable[[int, float], None] | None = None, callback_every: int = 100, progress: bool = True,
+            **quantize_kwargs) -> DistillResult:
+    """Convert a trained dense model to PQ in place and fine-tune it with itself as the teacher.
+
+    ``model`` is patched with ``recjpq.patch.patch_item_scoring`` (``quantize_kwargs``: method,
+    rotate, iters, ... go to ``quantize``); a frozen copy of the dense model is the teacher. Then,
+    on the user's training sequences ``data`` (item-id arrays, oldest first, 0 = padding), every
+    position with a next item contributes ``distillation_loss``: ``(1 - alpha)`` x the task's
+    full-softmax CE plus ``alpha`` x the KL divergence from the teacher's full-catalogue score
+    distribution at ``temperature``, over all items except the padding row, streamed in
+    ``chunk``-item tiles. The sub-item embeddings train (Adam, ``lr``; codes fixed); with
+    ``train_encoder`` the rest of the model too (``encoder_lr``), else it runs in eval mode.
+
+    Stops after ``steps`` optimiser steps, ``time_limit`` seconds (of the whole conversion,
+    quantisation included) or ``epochs`` passes, whichever comes first (one epoch if none is
+    given); ``clock="cpu"`` counts this process's CPU seconds instead of wall seconds (on a shared
+    machine, the time the conversion would take alone with the same threads). ``callback(step, seconds)`` runs right after quantisation (step 0), every
+    ``callback_every`` steps and at the end, with the model in eval mode (e.g. a validation for a
+    quality-vs-time curve); its time is not counted. ``max_len``: the sequence length the model reads (default
+    ``model.config["max_len"]`` for ``recjpq.models``; required for SASRec.pytorch-style models).
+    RecBole-style models (one state per sequence) are not supported here: use ``finetune``.
+    Returns a ``DistillResult``; the model is left in eval mode.
+    """
+    from recjpq.patch import detect_style, patch_item_scoring
+
+    style = detect_style(model)
+    if style == "recbole":
+        raise ValueError("distill supports recjpq.models and SASRec.pytorch-style models (states at every "
+                         "position); for a RecBole-style model use patch_item_scoring + finetune with its own loss")
+    if max_len is None:
+        if style != "recjpq":
+            raise ValueError("max_len (the sequence length the model was trained with) is required for "
+                             f"{style}-style models")
+        max_len = model.config["max_len"]
+    _check_positive_int("max_len", max_len)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("callback_every", callback_every)
+    for name, value in (("steps", steps), ("epochs", epochs)):
+        if value is not None:
+            _check_positive_int(name, value)
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {clock!r}")
+    now = CLOCKS[clock]
+    if steps is None and time_limit is None and epochs is None:
+        epochs = 1
+    train = [np.asarray(s, dtype=np.int64) for s in data if len(s) >= 2]
+    if not train:
+        raise ValueError("data has no sequence of two or more items to learn from")
+
+    start = now()
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    pq = patch_item_scoring(model, num_splits, num_codes, seed=seed, **quantize_kwargs)
+    result = DistillResult(pq, quantize_seconds=now() - start)
+    teacher_table = teacher.item_emb if style == "sasrec.pytorch" else teacher.item_embedding
+    items = torch.arange(pq.num_embeddings, device=pq.codes.device)
+    if pq.padding_idx is not None:
+        items = items[items != pq.padding_idx]
+    # row of each item id in the padding-free tables (-1 for padding, which is never a target)
+    row_of = torch.full((pq.num_embeddings,), -1, dtype=torch.int64, device=items.device)
+    row_of[items] = torch.arange(len(items), device=items.device)
+    teacher_weight = teacher_table.weight.detach()[items]
+
+    frozen = [p for p in model.parameters() if p is not pq.subitem_embeddings and p.requires_grad]
+    groups = [{"params": [pq.subitem_embeddings], "lr": lr}]
+    if train_encoder:
+        groups.append({"params": frozen, "lr": encoder_lr})
+    else:
+        for p in frozen:
+            p.requires_grad_(False)
+    optimizer = torch.optim.Adam(groups)
+    model.train(train_encoder)
+    rng = np.random.default_rng(seed)
+    bar = tqdm(total=steps, desc=f"distil M={num_splits}", disable=not progress, leave=False)
+    spent, epoch = now() - start, 0
+    done = time_limit is not None and spent >= time_limit
+    try:
+        if callback is not None:
+            model.eval()
+            callback(0, spent)
+            model.train(train_encoder)
+        while not done:
+            epoch += 1
+            for idx in batches(len(train), batch_size, rng):
+                start = now()
+                hidden, teacher_hidden, targets = _sequence_states(model, teacher, style, [train[j] for j in idx],
+                                                                   max_len, rng)
+                loss = distillation_loss(hidden, pq.weight[items], teacher_hidden, teacher_weight,
+                                         row_of[targets], alpha=alpha, temperature=temperature, chunk=chunk)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                spent += now() - start
+                result.steps += 1
+                result.losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.losses[-1]:.4f}", seconds=f"{spent:.0f}")
+                done = ((steps is not None and result.steps >= steps)
+                        or (time_limit is not None and spent >= time_limit))
+                if done:
+                    break
+                if callback is not None and result.steps % callback_every == 0:
+                    model.eval()
+                    callback(result.steps, spent)
+                    model.train(train_encoder)
+            done = done or (epochs is not None and epoch >= epochs)
+        if callback is not None and result.steps % callback_every:
+            model.eval()
+            callback(result.steps, spent)
+    finally:
+        bar.close()
+        for p in frozen:
+            p.requires_grad_(True)
+        model.eval()
+    result.seconds = spent
+    return result

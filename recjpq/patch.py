@@ -16,13 +16,16 @@ of ``seq_emb @ item_emb.weight.T``. Three shapes of model code are recognised:
   a ``predict_topk(user_ids, log_seqs, k, exclude=None)`` is added.
 
 Anything else is refused with a ``ValueError`` that says what was missing, before the model is
-touched. Training code that reads ``.weight`` (e.g. a RecBole CE loss) still works: it decodes
+touched. ``save`` / ``load`` keep a patched model of any of these styles in one file; ``load``
+patches a fresh dense instance of the user's class and loads the weights into it. Training code that reads ``.weight`` (e.g. a RecBole CE loss) still works: it decodes
 the table, and gradients reach the sub-item embeddings.
 """
 from __future__ import annotations
 
 import inspect
+import os
 import types
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,6 +33,8 @@ from torch import nn
 from recjpq.nn.pq_embedding import PQEmbedding
 
 STYLES = ("recjpq", "recbole", "sasrec.pytorch")
+FORMAT = "recjpq-patched-model"
+VERSION = 1
 
 
 def _is_recjpq_model(model: nn.Module) -> bool:
@@ -118,28 +123,121 @@ def _sasrec_predict_topk(self, user_ids, log_seqs, k: int, exclude=None):
     return self.item_emb.topk(state, k, None if exclude is None else _as_ids(exclude, state.device))
 
 
-def patch_item_scoring(model: nn.Module, num_splits: int, num_codes: int = 256, **quantize_kwargs) -> PQEmbedding:
-    """Quantise ``model``'s item table and route its full-catalogue scoring through PQ, in place.
-
-    ``quantize_kwargs`` go to ``recjpq.convert.quantize`` (method, rotate, iters, seed, progress...).
-    Returns the installed ``PQEmbedding`` (its ``subitem_embeddings`` are what
-    ``recjpq.convert.finetune`` trains). Raises ``ValueError`` for a model it cannot patch.
-    """
-    style = detect_style(model)
-    attr = _table_attr(style)
-    if style == "recbole":
-        params = inspect.signature(model.forward).parameters
-        if len(params) < 2:
-            raise ValueError(f"{type(model).__name__}.forward must take (item_seq, item_seq_len), got "
-                             f"({', '.join(params)})")
-    pq = PQEmbedding.from_dense(_check_table(model, attr), num_splits, num_codes, **quantize_kwargs)
-    setattr(model, attr, pq)
+def _install(model: nn.Module, style: str, pq: PQEmbedding) -> None:
+    """Put ``pq`` in place of the model's item table and rebind its scoring (``style``'s way)."""
+    setattr(model, _table_attr(style), pq)
     if style == "recjpq":
-        model.config.update(item_embedding="recjpq", num_codes=num_codes)
+        model.config.update(item_embedding="recjpq", num_codes=pq.num_codes)
     elif style == "recbole":
         model.full_sort_predict = types.MethodType(_recbole_full_sort_predict, model)
         model.full_sort_topk = types.MethodType(_recbole_full_sort_topk, model)
     else:
         model.predict = types.MethodType(_sasrec_predict, model)
         model.predict_topk = types.MethodType(_sasrec_predict_topk, model)
+
+
+def _check_patchable(model: nn.Module) -> tuple[str, nn.Embedding]:
+    """The model's style and its dense item table, or ``ValueError`` before anything changes."""
+    style = detect_style(model)
+    if style == "recbole":
+        params = inspect.signature(model.forward).parameters
+        if len(params) < 2:
+            raise ValueError(f"{type(model).__name__}.forward must take (item_seq, item_seq_len), got "
+                             f"({', '.join(params)})")
+    return style, _check_table(model, _table_attr(style))
+
+
+def patch_item_scoring(model: nn.Module, num_splits: int, num_codes: int = 256, **quantize_kwargs) -> PQEmbedding:
+    """Quantise ``model``'s item table and route its full-catalogue scoring through PQ, in place.
+
+    ``quantize_kwargs`` go to ``recjpq.convert.quantize`` (method, rotate, iters, seed, progress...).
+    Returns the installed ``PQEmbedding`` (its ``subitem_embeddings`` are what
+    ``recjpq.convert.finetune`` and ``distill`` train). Raises ``ValueError`` for a model it cannot
+    patch (with the valid M when d is not divisible by ``num_splits``).
+    """
+    style, table = _check_patchable(model)
+    pq = PQEmbedding.from_dense(table, num_splits, num_codes, **quantize_kwargs)
+    _install(model, style, pq)
     return pq
+
+
+def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Write a patched (converted) model to ``path`` atomically: its style, the PQ table's layout
+    (codes, sub-item embeddings, OPQ rotation if any), the whole ``state_dict`` and ``meta``
+    (plain values and tensors). ``load`` rebuilds it. A ``recjpq.models`` model's config is kept
+    too, so it reloads without a factory, and ``recjpq.checkpoint.load_checkpoint`` (hence
+    ``recjpq serve``) reads the file."""
+    from recjpq.checkpoint import write_atomic
+
+    style = detect_style(model)
+    pq = getattr(model, _table_attr(style))
+    if not isinstance(pq, PQEmbedding):
+        raise ValueError(f"{type(model).__name__}.{_table_attr(style)} is not a PQEmbedding: patch the model "
+                         "(patch_item_scoring / recjpq.convert.distill) before saving it here")
+    layout = {"num_embeddings": pq.num_embeddings, "dim": pq.embedding_dim, "num_codes": pq.num_codes,
+              "padding_idx": pq.padding_idx, "rotated": hasattr(pq, "rotation")}
+    payload = {"format": FORMAT, "version": VERSION, "style": style, "table": layout,
+               "config": dict(model.config) if style == "recjpq" else None,
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta or {}}
+    write_atomic(path, payload)
+
+
+def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module] | nn.Module | None = None,
+         map_location="cpu") -> tuple[nn.Module, dict]:
+    """``(model in eval mode, meta)`` from a file written by ``save``.
+
+    ``model_factory`` gives a fresh DENSE model of the saved class (a callable returning one, or
+    the instance itself): its item table is replaced by the saved PQ table, its scoring patched as
+    ``patch_item_scoring`` does, then the saved weights are loaded (strictly). For a
+    ``recjpq.models`` model it may be None (the model is rebuilt from the saved config).
+    """
+    from recjpq.checkpoint import CheckpointError, read_payload
+
+    path = os.fspath(path)
+    payload = read_payload(path, map_location)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} was not written by recjpq.patch.save (no '{FORMAT}' tag)")
+    return from_payload(payload, path, model_factory)
+
+
+def from_payload(payload: dict, path, model_factory: Callable[[], nn.Module] | nn.Module | None = None
+                 ) -> tuple[nn.Module, dict]:
+    """``load`` after the file is read (``recjpq.checkpoint.load_checkpoint`` comes here too)."""
+    from recjpq.checkpoint import CheckpointError
+
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path} has converted-model format version {payload.get('version')!r}; "
+                              f"this recjpq reads version {VERSION}")
+    style, layout, state = payload["style"], payload["table"], payload["state_dict"]
+    if model_factory is None:
+        if payload["config"] is None:
+            raise ValueError(f"{path} holds a {style}-style model: pass model_factory, a callable that builds a "
+                             "fresh dense instance of its class")
+        from recjpq.models import build_model
+
+        config = dict(payload["config"], item_embedding="dense")
+        model = build_model(config.pop("model"), config.pop("num_items"), **config)
+    else:
+        model = model_factory if isinstance(model_factory, nn.Module) else model_factory()
+    got, table = _check_patchable(model)
+    if got != style:
+        raise ValueError(f"{path} holds a {style}-style model but model_factory gave a {got}-style "
+                         f"{type(model).__name__}")
+    attr = _table_attr(style)
+    if (table.num_embeddings, table.embedding_dim) != (layout["num_embeddings"], layout["dim"]):
+        raise ValueError(f"{type(model).__name__}.{attr} is [{table.num_embeddings}, {table.embedding_dim}] but the "
+                         f"saved table is [{layout['num_embeddings']}, {layout['dim']}]")
+    codes = state[f"{attr}.codes"]
+    args = (codes, layout["dim"], layout["num_codes"], layout["padding_idx"])
+    if layout["rotated"]:
+        from recjpq.convert import RotatedPQEmbedding
+
+        pq = RotatedPQEmbedding(*args, rotation=state[f"{attr}.rotation"])
+    else:
+        pq = PQEmbedding(*args)
+    _install(model, style, pq.to(table.weight.device))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the saved weights do not fit {type(model).__name__}: {e}") from None
+    return model.eval(), payload["meta"]

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.convert_bench import load_dense  # noqa: E402
 from bench.peers import machine  # noqa: E402
-from recjpq.checkpoint import load_checkpoint  # noqa: E402
 from recjpq.convert import finetune  # noqa: E402
-from recjpq.data import batches, leave_one_out, load_interactions, pad_left  # noqa: E402
+from recjpq.data import batches, pad_left  # noqa: E402
 from recjpq.evaluation import evaluate  # noqa: E402
 from recjpq.patch import patch_item_scoring  # noqa: E402
 from recjpq.training import TrainConfig, training_loss  # noqa: E402
@@ -35,7 +35,6 @@ def table_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in model.item_embedding.state_dict().values())
 
 
-@torch.no_grad()
 @torch.no_grad()
 def relative_error(dense, model) -> float:
     """``||decoded - dense||^2 / ||dense||^2`` over the real items (padding row left out)."""
@@ -101,11 +100,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    dense, meta = load_checkpoint(args.checkpoint)
-    data = load_interactions(args.data)
-    if list(meta.get("item_ids", data.item_ids)) != list(data.item_ids):
-        raise SystemExit(f"{args.data} maps item ids differently from the checkpoint's training data")
-    split = leave_one_out(data.sequences)
+    dense, _, split = load_dense(args.checkpoint, args.data)
     train = [s for s in split.train if len(s) >= 2]
     histories = split.test.histories
     seqs = {b: pad_left(histories[:b], dense.config["max_len"]) for b in (1, 256)}

@@ -1,14 +1,21 @@
 """recjpq.convert: PQ of trained item tables (k-means, SVD, OPQ), PQEmbedding.from_dense, finetune."""
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from recjpq.convert import RotatedPQEmbedding, finetune, quantize
+from recjpq.convert import (RotatedPQEmbedding, distill, distillation_loss, finetune, quantize,
+                            valid_num_splits)
+from recjpq.models import SASRec
 from recjpq.nn import PQEmbedding
+from recjpq.patch import patch_item_scoring
+from sasrec_pytorch_style import SASRecPytorchStyle
 
 
 def decode(codes, centroids, rotation=None):
@@ -94,6 +101,195 @@ def test_padding_row_left_out_of_the_fit():
     assert float(centroids.norm(dim=-1).min()) > 0.5
 
 
+def near_duplicates(groups=20, copies=5, dim=8, seed=0):
+    """A padding row of zeros, then ``groups`` x ``copies`` items that are all but identical."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(groups, dim, generator=g).repeat_interleave(copies, 0)
+    return torch.cat([torch.zeros(1, dim), base + 1e-4 * torch.randn(len(base), dim, generator=g)])
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_unique_code_rows(rotate):
+    weight = near_duplicates()
+    plain = quantize(weight, 2, 16, iters=5, padding_idx=0, unique=False, rotate=rotate, opq_iters=2)
+    assert len(torch.unique(plain[0][1:], dim=0)) < 100  # copies share their nearest centroids
+    out = quantize(weight, 2, 16, iters=5, padding_idx=0, rotate=rotate, opq_iters=2)
+    assert len(torch.unique(out[0][1:], dim=0)) == 100
+    # a moved item changes one split, to a centroid near its own
+    changed = (out[0] != plain[0]).sum(1)
+    assert int(changed.max()) == 1
+    assert torch.equal(out[1], plain[1])  # centroids untouched
+
+
+def test_unique_code_rows_at_and_past_capacity():
+    weight = near_duplicates()
+    full, _ = quantize(weight, 2, 10, iters=5, padding_idx=0)  # K^M = 100 rows for 100 items
+    assert len(torch.unique(full[1:], dim=0)) == 100
+    few, _ = quantize(weight, 2, 8, iters=5, padding_idx=0)  # 64 rows for 100 items: sharing is unavoidable
+    assert int(few.max()) < 8 and len(torch.unique(few[1:], dim=0)) <= 64
+
+
+def test_divisibility_error_lists_valid_splits():
+    assert valid_num_splits(50) == [1, 2, 5, 10, 25, 50]
+    with pytest.raises(ValueError, match=r"valid num_splits for d=50: 1, 2, 5, 10, 25, 50$"):
+        quantize(torch.randn(10, 50), 8)
+    with pytest.raises(ValueError, match=r"d=50: 1, 2, 5, 10, 25, 50"):
+        patch_item_scoring(SASRecPytorchStyle(30, 50, 4), 16)
+
+
+@pytest.mark.parametrize("alpha,temperature,chunk", [(0.5, 1.0, 7), (0.3, 2.0, 64), (1.0, 0.5, 10), (0.0, 1.0, 3)])
+def test_distillation_loss_matches_materialised(alpha, temperature, chunk):
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(9, 8, generator=g, requires_grad=True)
+    weight = torch.randn(53, 8, generator=g, requires_grad=True)
+    teacher_h, teacher_weight = torch.randn(9, 8, generator=g), torch.randn(53, 8, generator=g)
+    targets = torch.randint(0, 53, (9,), generator=g)
+    loss = distillation_loss(h, weight, teacher_h, teacher_weight, targets, alpha=alpha, temperature=temperature,
+                             chunk=chunk)
+    z, zt = h @ weight.T, teacher_h @ teacher_weight.T
+    kl = nn.functional.kl_div(nn.functional.log_softmax(z / temperature, 1),
+                              nn.functional.log_softmax(zt / temperature, 1), log_target=True, reduction="batchmean")
+    expected = (1 - alpha) * nn.functional.cross_entropy(z, targets) + alpha * temperature ** 2 * kl
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, (h, weight)), torch.autograd.grad(expected, (h, weight))):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_distillation_loss_gradcheck():
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(11, 6, generator=g, dtype=torch.float64)
+    teacher_h, teacher_weight = torch.randn(4, 6, generator=g), torch.randn(11, 6, generator=g)
+    targets = torch.tensor([0, 10, 3, 3])
+    from recjpq.convert import _DistillLoss
+    assert torch.autograd.gradcheck(
+        lambda a, b: _DistillLoss.apply(a, b, teacher_h.double(), teacher_weight.double(), targets, 0.4, 1.5, 4),
+        (h.requires_grad_(), weight.requires_grad_()))
+
+
+def test_distillation_loss_bad_arguments():
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="targets"):
+        distillation_loss(h, w, h, w, torch.tensor([0, 1, 5]))
+    with pytest.raises(ValueError, match="alpha"):
+        distillation_loss(h, w, h, w, torch.tensor([0, 1, 2]), alpha=1.5)
+    with pytest.raises(ValueError, match="teacher"):
+        distillation_loss(h, w, h[:2], w, torch.tensor([0, 1, 2]))
+
+
+NUM_ITEMS, MAX_LEN = 60, 8
+
+
+def sequences(num=48, seed=0):
+    """Users walking the catalogue in steps of 1-3 items: a pattern a tiny model learns."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(num):
+        start, steps = rng.integers(1, NUM_ITEMS + 1), rng.integers(1, 4, size=int(rng.integers(4, 12)))
+        out.append((start + np.concatenate([[0], np.cumsum(steps)]) - 1) % NUM_ITEMS + 1)
+    return out
+
+
+def teacher_agreement(student_scores, teacher_scores):
+    """KL(teacher || student) of the softmax over the real items (padding column dropped)."""
+    return float(nn.functional.kl_div(nn.functional.log_softmax(student_scores[:, 1:], 1),
+                                      nn.functional.log_softmax(teacher_scores[:, 1:], 1),
+                                      log_target=True, reduction="batchmean"))
+
+
+def trained_dense_sasrec(seed=0):
+    """30 full-batch CE steps of a tiny dense SASRec on ``sequences()``: a teacher with opinions."""
+    from recjpq.data import pad_left
+    from recjpq.training import TrainConfig, training_loss
+
+    torch.manual_seed(seed)
+    model = SASRec(NUM_ITEMS, 16, num_layers=1, max_len=MAX_LEN, dropout=0.0)
+    data = sequences()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    seqs, config, rng = pad_left(data, MAX_LEN + 1), TrainConfig(loss="ce"), np.random.default_rng(seed)
+    for _ in range(30):
+        optimizer.zero_grad()
+        training_loss(model, seqs, config, rng, torch.Generator()).backward()
+        optimizer.step()
+    return model.eval(), data
+
+
+@pytest.mark.parametrize("train_encoder", [False, True])
+def test_distill_recjpq_model_moves_towards_teacher(train_encoder):
+    import copy
+
+    from recjpq.data import pad_left
+    dense, data = trained_dense_sasrec()
+    queries = pad_left(data, MAX_LEN)
+    with torch.no_grad():
+        teacher_scores = dense.scorer.all(dense.query(queries))
+    quantized = copy.deepcopy(dense)
+    patch_item_scoring(quantized, 4, 8, iters=5, seed=0)
+    model = copy.deepcopy(dense)
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    calls = []
+    result = distill(model, data, 4, 8, steps=40, batch_size=16, lr=3e-2, alpha=1.0, iters=5,
+                     train_encoder=train_encoder, encoder_lr=3e-3, callback=lambda s, t: calls.append((s, t)),
+                     callback_every=15, progress=False)
+    assert result.steps == 40 and len(result.losses) == 40 and result.seconds > 0
+    assert [c[0] for c in calls] == [0, 15, 30, 40] and calls[-1][1] == pytest.approx(result.seconds)
+    assert 0 < result.quantize_seconds <= calls[0][1] <= calls[1][1]  # the clock starts before quantising
+    assert isinstance(model.item_embedding, PQEmbedding) and model.item_embedding is result.embedding
+    assert torch.equal(model.item_embedding.codes, quantized.item_embedding.codes)  # codes fixed
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    moved = any(not torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder_before.items())
+    assert moved == train_encoder
+    with torch.no_grad():
+        before = teacher_agreement(quantized.scorer.all(quantized.query(queries)), teacher_scores)
+        after = teacher_agreement(model.scorer.all(model.query(queries)), teacher_scores)
+    # K = 8 sub-items per split bound how close the codes can get (0.395 -> 0.356 converged, frozen)
+    assert after < (0.85 if train_encoder else 0.95) * before
+
+
+def test_distill_sasrec_pytorch_style_and_time_limit():
+    import copy
+
+    from recjpq.data import pad_left
+    torch.manual_seed(1)
+    dense = SASRecPytorchStyle(NUM_ITEMS, 8, MAX_LEN).eval()
+    data = sequences(seed=1)
+    log_seqs = pad_left(data, MAX_LEN).numpy()
+    with torch.no_grad():
+        teacher_scores = dense.log2feats(log_seqs)[:, -1] @ dense.item_emb.weight.T
+    quantized = copy.deepcopy(dense)
+    patch_item_scoring(quantized, 2, 8, iters=5)
+    model = copy.deepcopy(dense)
+    with pytest.raises(ValueError, match="max_len"):
+        distill(model, data, 2, 8, steps=1)
+    assert type(model.item_emb) is nn.Embedding  # refused before anything changed
+    cpu_before = time.process_time()
+    result = distill(model, data, 2, 8, max_len=MAX_LEN, time_limit=0.5, clock="cpu", batch_size=8, lr=1e-2,
+                     alpha=1.0, iters=5, progress=False)
+    assert time.process_time() - cpu_before >= 0.5
+    assert result.seconds >= 0.5 and result.steps >= 1
+    values, ids = model.predict_topk(None, log_seqs, 5)
+    with torch.no_grad():
+        after = model.log2feats(log_seqs)[:, -1] @ model.item_emb.weight.T
+        before = quantized.log2feats(log_seqs)[:, -1] @ quantized.item_emb.weight.T
+        assert torch.allclose(values, after.index_fill(1, torch.tensor([0]), float("-inf")).topk(5).values, atol=1e-4)
+    assert teacher_agreement(after, teacher_scores) < teacher_agreement(before, teacher_scores)
+
+
+def test_distill_refuses():
+    from test_patch import RecBoleStyle
+
+    with pytest.raises(ValueError, match="RecBole"):
+        distill(RecBoleStyle(20, 8), sequences(), 2, 8)
+    dense, data = trained_dense_sasrec()
+    with pytest.raises(ValueError, match="two or more"):
+        distill(dense, [np.array([3])], 2, 8)
+    with pytest.raises(ValueError, match="time_limit"):
+        distill(dense, data, 2, 8, time_limit=0)
+    with pytest.raises(ValueError, match="clock"):
+        distill(dense, data, 2, 8, time_limit=1, clock="gpu")
+    assert type(dense.item_embedding) is nn.Embedding
+
+
 @pytest.mark.parametrize("kw,err", [
     (dict(num_splits=5), ValueError), (dict(num_splits=0), ValueError), (dict(num_codes=0), ValueError),
     (dict(method="opq"), ValueError), (dict(iters=0), ValueError), (dict(padding_idx=40), ValueError),
@@ -135,7 +331,9 @@ def test_from_dense_keeps_ids_padding_and_scores():
     with torch.no_grad():
         dense.weight[1:] = weight
         dense.weight[0] = 0
-    pq = PQEmbedding.from_dense(dense, 4, 64, iters=10)
+    # unique=False: items of a tight cluster may share codes (unique rows would move some of them
+    # to a neighbouring centroid, test_unique_code_rows)
+    pq = PQEmbedding.from_dense(dense, 4, 64, iters=10, unique=False)
     assert type(pq) is PQEmbedding and pq.padding_idx == 0 and pq.num_embeddings == 301
     assert torch.allclose(pq.weight[1:], weight, atol=0.1)
     assert torch.equal(pq.weight[0], torch.zeros(16))
@@ -179,3 +377,48 @@ def test_finetune_trains_subitems_only():
         finetune(nn.Embedding(3, 2), loss_fn, 1)
     with pytest.raises(ValueError, match="steps"):
         finetune(pq, loss_fn, 0)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_cli_convert_writes_a_checkpoint_recjpq_can_load(tmp_path, rotate):
+    import json
+
+    from recjpq.checkpoint import load_checkpoint, save_checkpoint
+    from recjpq.cli import main
+    from recjpq.data import load_interactions
+
+    path = tmp_path / "data.txt"
+    path.write_text("".join(f"u{u} i{item}\n" for u, seq in enumerate(sequences()) for item in seq))
+    data = load_interactions(str(path))
+    torch.manual_seed(0)
+    dense = SASRec(data.num_items, 16, num_layers=1, max_len=MAX_LEN).eval()
+    save_checkpoint(tmp_path / "dense.pt", dense, {"item_ids": data.item_ids})
+    out = tmp_path / "out"
+    args = ["convert", str(tmp_path / "dense.pt"), "--data", str(path), "--splits", "4", "--num-codes", "8",
+            "--steps", "3", "--batch-size", "8", "--out", str(out), "--no-progress"] + (["--rotate"] if rotate else [])
+    main(args)
+    model, meta = load_checkpoint(out / "model.pt")  # what recjpq evaluate / recommend / serve read
+    assert isinstance(model.item_embedding, PQEmbedding) and model.item_embedding.num_splits == 4
+    assert hasattr(model.item_embedding, "rotation") == rotate
+    assert meta["item_ids"] == data.item_ids and meta["conversion"]["steps"] == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["dense"]) == {"ndcg@10", "recall@10"} and set(metrics["converted"]) == {"ndcg@10", "recall@10"}
+    assert metrics["item_table_bytes"] < metrics["dense_item_table_bytes"]
+    assert model.recommend([[1, 2, 3]], k=5)[1].shape == (1, 5)
+    (tmp_path / "other.txt").write_text("u1 x1\nu1 x2\nu1 x3\n")
+    with pytest.raises(SystemExit, match="item catalogue"):
+        main(["convert", str(tmp_path / "dense.pt"), "--data", str(tmp_path / "other.txt"), "--splits", "4",
+              "--out", str(out)])
+
+
+@pytest.mark.parametrize("name", ["bert4rec", "gru4rec"])
+def test_distill_our_other_models(name):
+    from recjpq.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, NUM_ITEMS, dim=16, num_layers=1, max_len=MAX_LEN).eval()
+    result = distill(model, sequences(), 4, 8, steps=3, batch_size=16, iters=3, progress=False)
+    assert result.steps == 3 and all(np.isfinite(result.losses))
+    assert isinstance(model.item_embedding, PQEmbedding) and model.config["item_embedding"] == "recjpq"
+    values, ids = model.recommend([[1, 2, 3]], k=5)
+    assert ids.shape == (1, 5) and (ids > 0).all()

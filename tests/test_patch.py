@@ -15,30 +15,9 @@ from torch import nn
 from recjpq.models import SASRec
 from recjpq.nn import PQEmbedding
 from recjpq.patch import detect_style, patch_item_scoring
+from sasrec_pytorch_style import SASRecPytorchStyle
 
 NUM_ITEMS, DIM, MAX_LEN = 150, 16, 12
-
-
-class SASRecPytorchStyle(nn.Module):
-    """Item ids 1..N, 0 = padding; numpy sequences in, like the original's training loop."""
-
-    def __init__(self, item_num: int, hidden: int, max_len: int):
-        super().__init__()
-        self.item_emb = nn.Embedding(item_num + 1, hidden, padding_idx=0)
-        self.pos_emb = nn.Embedding(max_len, hidden)
-        self.mix = nn.Linear(hidden, hidden)
-        self.norm = nn.LayerNorm(hidden)
-
-    def log2feats(self, log_seqs):
-        seqs = torch.as_tensor(np.asarray(log_seqs)).long()
-        x = self.item_emb(seqs) * self.item_emb.embedding_dim ** 0.5 + self.pos_emb.weight[: seqs.shape[1]]
-        x = x * (seqs != 0).unsqueeze(-1)
-        return self.norm(torch.tanh(self.mix(x)).cumsum(1))
-
-    def predict(self, user_ids, log_seqs, item_indices):
-        final = self.log2feats(log_seqs)[:, -1, :]
-        item_embs = self.item_emb(torch.as_tensor(np.asarray(item_indices)).long())
-        return item_embs.matmul(final.unsqueeze(-1)).squeeze(-1)
 
 
 class RecBoleStyle(nn.Module):
@@ -217,3 +196,121 @@ def test_refuses_twice_and_non_modules():
         patch_item_scoring("model", 2)
     with pytest.raises(ValueError, match="divisible"):
         patch_item_scoring(SASRecPytorchStyle(40, 8, 4), 3)
+
+
+FRESH_PROCESS_TOPK = """
+import sys, numpy as np, torch
+sys.path.insert(0, {tests!r})
+from sasrec_pytorch_style import SASRecPytorchStyle
+from recjpq.patch import load
+out = []
+for path in {paths!r}:
+    model, meta = load(path, lambda: SASRecPytorchStyle({items}, {dim}, {max_len}))
+    out.append((*model.predict_topk(None, np.load({seqs!r}), 10), meta))
+torch.save(out, {out!r})
+"""
+
+
+def test_save_load_sasrec_pytorch_style_in_a_fresh_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from recjpq.patch import load, save
+
+    log_seqs = histories(batch=7)[0].flip(1).numpy()
+    np.save(tmp_path / "seqs.npy", log_seqs)
+    paths, expected = [], []
+    for rotate in (False, True):
+        torch.manual_seed(3)
+        model = SASRecPytorchStyle(NUM_ITEMS, DIM, MAX_LEN).eval()
+        patch_item_scoring(model, 4, 32, iters=5, rotate=rotate)
+        with torch.no_grad():  # as after fine-tuning: sub-items no longer k-means centroids
+            model.item_emb.subitem_embeddings.add_(0.1 * torch.randn_like(model.item_emb.subitem_embeddings))
+            expected.append(model.predict_topk(None, log_seqs, 10))
+        paths.append(str(tmp_path / f"converted-{rotate}.pt"))
+        save(model, paths[-1], {"item_ids": ["a", "b"]})
+        # in this process too, from an instance, with the rotation (if any) restored
+        again, _ = load(paths[-1], SASRecPytorchStyle(NUM_ITEMS, DIM, MAX_LEN))
+        assert hasattr(again.item_emb, "rotation") == rotate
+        assert torch.equal(again.predict_topk(None, log_seqs, 10)[1], expected[-1][1])
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    script = FRESH_PROCESS_TOPK.format(tests=tests_dir, paths=paths, items=NUM_ITEMS, dim=DIM, max_len=MAX_LEN,
+                                       seqs=str(tmp_path / "seqs.npy"), out=str(tmp_path / "out.pt"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    fresh = torch.load(tmp_path / "out.pt", weights_only=True)
+    for (values, ids), (fresh_values, fresh_ids, meta) in zip(expected, fresh):
+        assert torch.equal(fresh_ids, ids) and torch.equal(fresh_values, values)
+        assert meta == {"item_ids": ["a", "b"]}
+
+
+def test_plain_state_dict_needs_the_patched_layout():
+    """What the issue hit: a patched state_dict does not load into the user's class, ``load`` does it."""
+    model = SASRecPytorchStyle(NUM_ITEMS, DIM, MAX_LEN)
+    patch_item_scoring(model, 4, 16, iters=2)
+    with pytest.raises(RuntimeError, match="state_dict"):
+        SASRecPytorchStyle(NUM_ITEMS, DIM, MAX_LEN).load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_save_load_our_sasrec_without_factory_and_through_load_checkpoint(tmp_path, rotate):
+    from recjpq.checkpoint import load_checkpoint
+    from recjpq.patch import load, save
+
+    torch.manual_seed(4)
+    model = SASRec(NUM_ITEMS, DIM, item_embedding="dense", num_layers=1, max_len=MAX_LEN).eval()
+    patch_item_scoring(model, 8, 16, iters=3, rotate=rotate)
+    history = [[3, 9, 27, 81], [1, 2], [150, 149, 148, 7, 7]]
+    values, ids = model.recommend(history, k=10)
+    save(model, tmp_path / "m.pt", {"item_ids": [str(i) for i in range(1, NUM_ITEMS + 1)]})
+    for loaded, meta in (load(tmp_path / "m.pt"), load_checkpoint(tmp_path / "m.pt")):  # the server's loader too
+        assert isinstance(loaded, SASRec) and loaded.config["item_embedding"] == "recjpq"
+        assert hasattr(loaded.item_embedding, "rotation") == rotate
+        got_values, got_ids = loaded.recommend(history, k=10)
+        assert torch.equal(got_ids, ids) and torch.equal(got_values, values)
+        assert meta["item_ids"][0] == "1"
+
+
+def test_save_load_errors(tmp_path):
+    from recjpq.checkpoint import CheckpointError
+    from recjpq.patch import load, save
+
+    dense = SASRecPytorchStyle(NUM_ITEMS, DIM, MAX_LEN)
+    with pytest.raises(ValueError, match="not a PQEmbedding"):
+        save(dense, tmp_path / "x.pt")
+    patch_item_scoring(dense, 4, 16, iters=2)
+    save(dense, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="model_factory"):
+        load(tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="recbole-style"):
+        load(tmp_path / "x.pt", lambda: RecBoleStyle(NUM_ITEMS + 1, DIM))
+    with pytest.raises(ValueError, match=r"saved table is \[151, 16\]"):
+        load(tmp_path / "x.pt", lambda: SASRecPytorchStyle(NUM_ITEMS + 5, DIM, MAX_LEN))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load(tmp_path / "x.pt", lambda: SASRecPytorchStyle(NUM_ITEMS, DIM, MAX_LEN + 1))  # pos_emb differs
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.pt", dense)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load(tmp_path / "junk.pt", dense)
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="recjpq.patch.save"):
+        load(tmp_path / "other.pt", dense)
+
+
+def test_save_load_recbole_style(tmp_path):
+    from recjpq.patch import load, save
+
+    torch.manual_seed(5)
+    model = RecBoleStyle(NUM_ITEMS + 1, DIM).eval()
+    patch_item_scoring(model, 8, 16, iters=3)
+    seqs, lengths = histories(batch=4, seed=2)
+    interaction = {RecBoleStyle.ITEM_SEQ: seqs, RecBoleStyle.ITEM_SEQ_LEN: lengths}
+    with torch.no_grad():
+        values, ids = model.full_sort_topk(interaction, 5)
+    save(model, tmp_path / "r.pt")
+    loaded, _ = load(tmp_path / "r.pt", lambda: RecBoleStyle(NUM_ITEMS + 1, DIM))
+    with torch.no_grad():
+        got = loaded.full_sort_topk(interaction, 5)
+    assert torch.equal(got[1], ids) and torch.equal(got[0], values)
