@@ -22,6 +22,12 @@ _CONFIGS = [triton.Config({"BLOCK_N": 64, "QB": 2})] if INTERPRETED else [
 ]
 
 
+def key_slots(k: int) -> int:
+    """``KT``, the keys each program keeps: a power of two >= k, and >= 2 (Triton's bitonic merge
+    does not compile for one key, so k = 1 keeps two)."""
+    return max(2, triton.next_power_of_2(k))
+
+
 @triton.constexpr_function
 def tile_size(block_n, kt):
     """Items per tile: at least ``KT``, since ``tl.topk`` selects ``KT`` of them."""
@@ -38,8 +44,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "K", "B_BUCKET", "KT"], prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def pq_topk_kernel(S, codes_t, exclude_sorted, cand, B, N, E, num_splits, B_BUCKET,
+@triton.jit(do_not_specialize=["B", "N", "E", "num_splits", "B_BUCKET"])
+def pq_topk_kernel(S, codes_t, stride, exclude_sorted, cand, B, N, E, num_splits, B_BUCKET,
                    M: tl.constexpr, K: tl.constexpr, KT: tl.constexpr, EXCLUDE_STEPS: tl.constexpr,
                    BLOCK_N: tl.constexpr, QB: tl.constexpr):
     TILE: tl.constexpr = tile_size(BLOCK_N, KT)
@@ -47,6 +53,6 @@ def pq_topk_kernel(S, codes_t, exclude_sorted, cand, B, N, E, num_splits, B_BUCK
     best = tl.full((QB, KT), empty_key(), tl.int64)  # descending
     for tile in range(first, last):
         start, items, item_ok = tile_items(tile, TILE, N)
-        scores = score_tile(S, codes_t, rows, row_ok, items, item_ok, N, M, K)
+        scores = score_tile(S, codes_t, stride, rows, row_ok, items, item_ok, M, K)
         best = merge_tile(best, scores, rows, row_ok, start, items, item_ok, exclude_sorted, E, KT, EXCLUDE_STEPS)
     store_best(cand, best, rows, row_ok, split, num_splits, KT)
