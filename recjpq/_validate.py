@@ -6,6 +6,8 @@ run inside the op implementations, once per codes tensor where the result can be
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 CODE_DTYPES = (torch.uint8, torch.int16, torch.int32)
@@ -65,10 +67,40 @@ def check_topk_args(S, codes, k, exclude) -> None:
             raise ValueError(f"exclude has {exclude.shape[0]} rows but S has B={S.shape[0]} queries")
 
 
+def device_checks_mode() -> str:
+    """``RECJPQ_DEVICE_CHECKS``: how ``check_values`` checks S and ``exclude`` on a GPU.
+
+    "async" (default): device-side assertions, no host synchronisation (a B = 1 top-k costs
+    about as much as the 1-3 syncs it saves, and syncs block CUDA graph capture); a bad value
+    fails as a device-side assert at the next sync, which leaves the CUDA context unusable.
+    "sync": the CPU behaviour, a ValueError before the launch. "off": no S / exclude data checks.
+    Either way the kernels stay memory-safe: they never use S or exclusion values as addresses.
+    Code ranges are checked once per codes tensor in every mode.
+    """
+    mode = os.environ.get("RECJPQ_DEVICE_CHECKS", "async")
+    if mode not in ("async", "sync", "off"):
+        raise ValueError(f"RECJPQ_DEVICE_CHECKS must be async, sync or off, got {mode!r}")
+    return mode
+
+
+def check_values_on_device(S, n: int, exclude=None) -> None:
+    """``check_values``'s S and exclusion checks as device-side assertions: no host sync."""
+    torch._assert_async(torch.isfinite(S).all(), "S contains non-finite values (nan or inf)")
+    if exclude is not None and exclude.numel():
+        torch._assert_async(((exclude >= -1) & (exclude < n)).all(), f"exclude ids must be in [-1, N={n})")
+
+
 def check_values(S, codes, exclude=None) -> None:
-    """Data checks; code ranges are checked once per codes tensor (see ``_codes_cache``)."""
+    """Data checks; code ranges are checked once per codes tensor (see ``_codes_cache``). Off
+    the CPU, S and exclusions are checked as ``device_checks_mode`` says."""
     from recjpq._codes_cache import codes_info
 
+    mode = "sync" if S.device.type == "cpu" else device_checks_mode()
+    if mode != "sync":
+        codes_info(codes).check_range(S.shape[2])
+        if mode == "async":
+            check_values_on_device(S, codes.shape[0], exclude)
+        return
     if not bool(torch.isfinite(S).all()):
         raise ValueError("S contains non-finite values (nan or inf)")
     codes_info(codes).check_range(S.shape[2])

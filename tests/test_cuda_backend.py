@@ -97,6 +97,25 @@ def test_unavailable_off_cuda_tensors():
 # --------------------------------------------------------------------------------------------
 # Candidate merging, exclusion rows and the selection algorithm, on CPU.
 
+def test_device_value_checks_assert_on_device(monkeypatch):
+    """The GPU path of check_values (RECJPQ_DEVICE_CHECKS=async) asserts on the device instead of
+    copying results to the host; on CPU tensors torch._assert_async raises at once."""
+    from recjpq._validate import check_values_on_device, device_checks_mode
+
+    S = torch.zeros(2, 3, 4)
+    check_values_on_device(S, 10, torch.tensor([[-1, 9], [0, 3]]))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        check_values_on_device(S.index_put((torch.tensor([1]),), torch.tensor(float("nan"))), 10)
+    for bad in (10, -2):
+        with pytest.raises(RuntimeError, match=r"exclude ids must be in \[-1, N=10\)"):
+            check_values_on_device(S, 10, torch.tensor([[0, bad], [1, 2]]))
+    monkeypatch.delenv("RECJPQ_DEVICE_CHECKS", raising=False)
+    assert device_checks_mode() == "async"
+    monkeypatch.setenv("RECJPQ_DEVICE_CHECKS", "never")
+    with pytest.raises(ValueError, match="RECJPQ_DEVICE_CHECKS"):
+        device_checks_mode()
+
+
 def test_sorted_exclusions():
     assert cuda.sorted_exclusions(None) is None
     assert cuda.sorted_exclusions(torch.empty(2, 0, dtype=torch.int64)) is None
