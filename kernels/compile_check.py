@@ -371,12 +371,19 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel Triton compiles")
     parser.add_argument("--sample", action="store_true", help="each axis value at least once (see module doc)")
     parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
+    parser.add_argument("--only", help="compile only variants whose 'kernel [variant]' contains this")
+    parser.add_argument("--list", action="store_true", help="print the planned variants, compile nothing")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     variants = plan(args.arch, args.sample)
+    if args.only:
+        variants = [v for v in variants if args.only in f"{v.kernel} [{v.label}]"]
     todo = [v for v in variants if v.fn is not None]
+    if args.list:
+        print(table(variants))
+        return 0
     print(f"Triton {triton.__version__}, torch {torch.__version__}: {sum(len(v.cells) for v in variants)} cells, "
           f"{len(todo)} distinct Triton specialisations for sm_{'/sm_'.join(map(str, args.arch))}", flush=True)
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -384,10 +391,11 @@ def main(argv=None) -> int:
                                v.result["arch"]): v for v in todo}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             variant = futures[future]
-            variant.result.update(future.result())
-            if "error" in variant.result:
-                print(f"  [{done}/{len(todo)}] {variant.kernel} [{variant.label}]: {variant.result['error']}",
-                      flush=True)
+            r = variant.result
+            r.update(future.result())
+            outcome = r["error"] if "error" in r else f"{r['regs']} regs, {r['stack']} B stack"
+            print(f"  [{done}/{len(todo)}] {variant.kernel} [{variant.label}] sm_{r['arch']}: {outcome} "
+                  f"({r['seconds']} s)", flush=True)
     nvcc = None if args.no_cuda else _nvcc()
     if nvcc is not None:
         variants += cuda_variants(args.arch, nvcc)

@@ -43,11 +43,17 @@ def score_tile(S, codes_t, stride, rows, row_ok, items, item_ok, M: tl.constexpr
 
 
 @triton.jit
+def ordered_bits(scores):
+    """int32 that orders as the float scores do (-0.0 folded into +0.0): a key's high half."""
+    bits = scores.to(tl.int32, bitcast=True)
+    bits = tl.where(scores == 0.0, 0, bits)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
 def pack_keys(scores, items):
     """The ``recjpq.topk_keys`` packing: ordered float bits high, ``2**32 - 1 - item`` low."""
-    bits = scores.to(tl.int32, bitcast=True)
-    bits = tl.where(scores == 0.0, 0, bits)  # fold -0.0 into +0.0
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    ordered = ordered_bits(scores)
     low = ((tl.full((), 1, tl.int64) << 32) - 1) - items.to(tl.int64)  # all-int64: no uint32 literal
     return (ordered.to(tl.int64) << 32) | low[None, :]
 
@@ -121,11 +127,15 @@ def merge_tile(best, scores, rows, row_ok, start, items, item_ok, exclude_sorted
     elementwise max of a descending and an ascending run holds the best ``KT`` of both.
     ``KT >= 2``: Triton's bitonic merge of a ``[QB, 1]`` run does not compile.
     """
-    keys = tl.where(row_ok[:, None] & item_ok[None, :], pack_keys(scores, items), empty_key())
-    if tl.max((keys > tl.min(best, axis=1)[:, None]).to(tl.int32)) > 0:
+    valid = row_ok[:, None] & item_ok[None, :]
+    # The test compares 32-bit ordered scores (ties with the worst kept key pass, to be settled
+    # exactly below): the 64-bit keys of the tile and the exclusion search are only live in the
+    # branch, one after the other, which keeps registers from spilling.
+    worst = (tl.min(best, axis=1) >> 32).to(tl.int32)
+    if tl.max((valid & (ordered_bits(scores) >= worst[:, None])).to(tl.int32)) > 0:
         if EXCLUDE_STEPS > 0:
-            excluded = excluded_mask(exclude_sorted, rows, row_ok, E, start, items, EXCLUDE_STEPS)
-            keys = tl.where(excluded, empty_key(), keys)
+            valid &= ~excluded_mask(exclude_sorted, rows, row_ok, E, start, items, EXCLUDE_STEPS)
+        keys = tl.where(valid, pack_keys(scores, items), empty_key())
         top = tl.topk(keys, KT, dim=1)
         best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), descending=True)
     return best
