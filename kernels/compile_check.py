@@ -132,7 +132,7 @@ def triton_cells():
                         kt = pq_topk.key_slots(k)
                         splits = num_splits(n, batch, programs, kt=kt)
                         steps = dict(KT=kt, EXCLUDE_STEPS=excluded.bit_length())
-                        for i, config in enumerate(_selectable(pq_topk.pq_topk_kernel, pq_topk._prune, KT=kt)):
+                        for i, config in enumerate(_selectable(pq_topk.pq_topk_kernel, pq_topk._prune, **steps)):
                             yield ("pq_topk", f"{_config_label(config)} KT={kt} E={'yes' if excluded else 'no'}",
                                    pq_topk.pq_topk_kernel.fn,
                                    (f32, codes, stride, i64, i64, batch, n, excluded, splits, _bucket(batch)),
@@ -143,7 +143,7 @@ def triton_cells():
                         for algorithm, (operand, precision, _, _) in dec.DECODE_ALGORITHMS.items():
                             q = _mock(operand)
                             shape = dict(M=M, DSUB=DSUB, INPUT_PRECISION=precision)
-                            for i, config in enumerate(_selectable(dec.decode_threshold_kernel, dec._prune, KT=kt)):
+                            for i, config in enumerate(_selectable(dec.decode_threshold_kernel, dec._prune, **steps)):
                                 yield ("decode_threshold", f"{algorithm} {_config_label(config)} KT={kt} "
                                        f"E={'yes' if excluded else 'no'}", dec.decode_threshold_kernel.fn,
                                        (q, q, codes, stride, i64, i64, batch, n, K, excluded, splits, _bucket(batch)),

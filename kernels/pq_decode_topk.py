@@ -55,6 +55,7 @@ _THRESHOLD_CONFIGS = [triton.Config({"BLOCK_N": 32, "BQ": 16})] if INTERPRETED e
     triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=8),
     triton.Config({"BLOCK_N": 64, "BQ": 32}, num_warps=4),
     triton.Config({"BLOCK_N": 128, "BQ": 32}, num_warps=8),
+    triton.Config({"BLOCK_N": 32, "BQ": 32}, num_warps=4),  # with exclusions (see _prune)
 ]
 _CANDIDATE_CONFIGS = [triton.Config({"BLOCK_N": 32, "BQ": 16})] if INTERPRETED else [
     triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=4),
@@ -71,12 +72,16 @@ def padded_dsub(dsub):
 
 def _prune(configs, named_args, **kwargs):
     """Drop query blocks much wider than the batch and, in the threshold pass, configs holding
-    more than 16 int64 keys per thread (they spill on sm_90)."""
+    more than 16 int64 keys per thread, or 8 with exclusions (the compile matrix,
+    kernels/compile_check.py, shows them spilling on sm_90); else the fewest keys per thread."""
     args = {**named_args, **kwargs}
     batch, kt = args["B_BUCKET"], args.get("KT")
-    kept = [c for c in configs if c.kwargs["BQ"] <= max(batch, 32) and
-            (kt is None or c.kwargs["BQ"] * tile_size(c.kwargs["BLOCK_N"], kt) <= 16 * 32 * c.num_warps)]
-    return kept or configs[:1]
+    if kt is None:
+        return [c for c in configs if c.kwargs["BQ"] <= max(batch, 32)] or configs[:1]
+    per_thread = lambda c: c.kwargs["BQ"] * tile_size(c.kwargs["BLOCK_N"], kt) / (32 * c.num_warps)
+    limit = 8 if args.get("EXCLUDE_STEPS", 0) > 0 else 16
+    kept = [c for c in configs if c.kwargs["BQ"] <= max(batch, 32) and per_thread(c) <= limit]
+    return kept or [min(configs, key=per_thread)]
 
 
 @triton.jit
@@ -100,7 +105,7 @@ def approx_tile(query, centroids, codes_t, stride, rows, row_ok, items, item_ok,
     return acc
 
 
-@triton.autotune(configs=_THRESHOLD_CONFIGS, key=["M", "DSUB", "B_BUCKET", "KT", "INPUT_PRECISION"],
+@triton.autotune(configs=_THRESHOLD_CONFIGS, key=["M", "DSUB", "B_BUCKET", "KT", "EXCLUDE_STEPS", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["B", "N", "K", "E", "num_splits", "B_BUCKET"])
 def decode_threshold_kernel(query, centroids, codes_t, stride, exclude_sorted, cand, B, N, K, E, num_splits, B_BUCKET,
