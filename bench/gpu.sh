@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's GPU run, in stages that each fit one 600 s command (the longest our GPU machines
 # take), from the repository root:
-#   bash bench/gpu.sh test                 # setup + the test suite on the GPU
+#   bash bench/gpu.sh [test]               # setup + the test suite on the GPU (the default)
 #   bash bench/gpu.sh sanitizer            # setup + compute-sanitizer memcheck of the CUDA kernels
 #   bash bench/gpu.sh bench [gpu_bench.py arguments]   # setup + bench/gpu_bench.py (--quick default)
 #   bash bench/gpu.sh dispatch             # setup + bench/cuda_dispatch_table.py (gpu_dispatch.json)
@@ -19,7 +19,7 @@
 # GPU"). DEVICE=cpu skips the setup.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE="${1:-}"; [ $# -gt 0 ] && shift
+STAGE="${1:-test}"; [ $# -gt 0 ] && shift
 OUT="${OUT:-bench/results}"
 PY="${PYTHON:-python3}"
 DRY_RUN="${DRY_RUN:-0}"

@@ -56,6 +56,7 @@ _THRESHOLD_CONFIGS = [triton.Config({"BLOCK_N": 32, "BQ": 16})] if INTERPRETED e
     triton.Config({"BLOCK_N": 64, "BQ": 32}, num_warps=4),
     triton.Config({"BLOCK_N": 128, "BQ": 32}, num_warps=8),
     triton.Config({"BLOCK_N": 32, "BQ": 32}, num_warps=4),  # with exclusions (see _prune)
+    triton.Config({"BLOCK_N": 32, "BQ": 16}, num_warps=8),  # with exclusions at KT = 128
 ]
 _CANDIDATE_CONFIGS = [triton.Config({"BLOCK_N": 32, "BQ": 16})] if INTERPRETED else [
     triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=4),
