@@ -89,6 +89,11 @@ def _config_label(config) -> str:
     return " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" w={config.num_warps}"
 
 
+def _options(config) -> dict:
+    """The launch options a config sets (warps, and ptxas's register limit when it has one)."""
+    return {"num_warps": config.num_warps, **({"maxnreg": config.maxnreg} if config.maxnreg else {})}
+
+
 def triton_cells():
     """``(kernel name, label, fn, args, kwargs, cell)`` for every matrix cell and selectable config."""
     from recjpq.backends.triton import MAX_FUSED_K, codes_stride, num_splits
@@ -105,7 +110,7 @@ def triton_cells():
                 for i, config in enumerate(_selectable(pq_scores.pq_scores_kernel, pq_scores._prune)):
                     yield ("pq_scores", _config_label(config), pq_scores.pq_scores_kernel.fn,
                            (f32, codes, stride, f32, batch, n, _bucket(batch)),
-                           dict(M=M, K=K, **config.kwargs, num_warps=config.num_warps), {**cell, "cfg": i})
+                           dict(M=M, K=K, **config.kwargs, **_options(config)), {**cell, "cfg": i})
                 ranges = num_splits(n, batch, programs)
                 grid, range_len = ce._launch_shape(batch, n, ranges)
                 yield ("pq_logsumexp", f"BLOCK_N={ce._BLOCK_N} QB={ce._QB} w={ce._WARPS}", ce.pq_logsumexp_kernel,
@@ -136,7 +141,7 @@ def triton_cells():
                             yield ("pq_topk", f"{_config_label(config)} KT={kt} E={'yes' if excluded else 'no'}",
                                    pq_topk.pq_topk_kernel.fn,
                                    (f32, codes, stride, i64, i64, batch, n, excluded, splits, _bucket(batch)),
-                                   dict(M=M, K=K, **steps, **config.kwargs, num_warps=config.num_warps),
+                                   dict(M=M, K=K, **steps, **config.kwargs, **_options(config)),
                                    {**cell, "cfg": i})
                         if k > dec.MAX_DECODE_K:
                             continue  # pq_topk_query answers it with pq_topk
@@ -147,7 +152,7 @@ def triton_cells():
                                 yield ("decode_threshold", f"{algorithm} {_config_label(config)} KT={kt} "
                                        f"E={'yes' if excluded else 'no'}", dec.decode_threshold_kernel.fn,
                                        (q, q, codes, stride, i64, i64, batch, n, K, excluded, splits, _bucket(batch)),
-                                       dict(**shape, **steps, **config.kwargs, num_warps=config.num_warps),
+                                       dict(**shape, **steps, **config.kwargs, **_options(config)),
                                        {**cell, "cfg": i, "alg": algorithm})
                             if excluded:
                                 continue  # pass 2 never reads exclusions
@@ -157,7 +162,7 @@ def triton_cells():
                                        dec.decode_candidates_kernel.fn,
                                        (q, q, codes, stride, f32, _mock(torch.int32), _mock(torch.int32), batch, n, K,
                                         capacity, _bucket(batch)),
-                                       dict(**shape, **config.kwargs, num_warps=config.num_warps),
+                                       dict(**shape, **config.kwargs, **_options(config)),
                                        {**cell, "cfg": i, "alg": algorithm})
 
 

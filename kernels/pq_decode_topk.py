@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from recjpq.kernels.pq_lookup import (INTERPRETED, empty_key, load_codes, merge_tile, program_items, store_best,
-                                     tile_items)
+from recjpq.kernels.pq_lookup import (INTERPRETED, MAX_REGISTERS, empty_key, load_codes, merge_tile, program_items,
+                                     store_best, tile_items)
 from recjpq.kernels.pq_topk import key_slots, tile_size
 from recjpq.topk_keys import EMPTY_KEY, pack_keys as pack_keys_torch, unpack_keys
 
@@ -52,16 +52,21 @@ _UPCAST_OPERANDS = tl.constexpr(INTERPRETED)
 # Compiled for sm_90 (Triton 3.9, no GPU), these use at most 254 registers per thread and no
 # local memory at M = 32, d/M = 16; wider tiles per thread spill. Untimed.
 _THRESHOLD_CONFIGS = [triton.Config({"BLOCK_N": 32, "BQ": 16})] if INTERPRETED else [
-    triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=8),
-    triton.Config({"BLOCK_N": 64, "BQ": 32}, num_warps=4),
-    triton.Config({"BLOCK_N": 128, "BQ": 32}, num_warps=8),
-    triton.Config({"BLOCK_N": 32, "BQ": 32}, num_warps=4),  # with exclusions (see _prune)
-    triton.Config({"BLOCK_N": 32, "BQ": 16}, num_warps=8),  # with exclusions at KT = 128
+    triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=8, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 64, "BQ": 32}, num_warps=4, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 128, "BQ": 32}, num_warps=8, maxnreg=MAX_REGISTERS),
+]
+# The threshold pass with exclusions (the search adds registers): the compile matrix showed the
+# configs above spilling with exclusions, these two not, at 4 to 8 keys per thread (under Triton
+# 3.6 fewer keys per thread spilled too: ptxas picked a 96- or 128-register target).
+_EXCLUDE_CONFIGS = [] if INTERPRETED else [
+    triton.Config({"BLOCK_N": 32, "BQ": 32}, num_warps=4, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 32, "BQ": 16}, num_warps=8, maxnreg=MAX_REGISTERS),
 ]
 _CANDIDATE_CONFIGS = [triton.Config({"BLOCK_N": 32, "BQ": 16})] if INTERPRETED else [
-    triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=4),
-    triton.Config({"BLOCK_N": 128, "BQ": 64}, num_warps=8),
-    triton.Config({"BLOCK_N": 64, "BQ": 128}, num_warps=8),
+    triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=4, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 128, "BQ": 64}, num_warps=8, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 64, "BQ": 128}, num_warps=8, maxnreg=MAX_REGISTERS),
 ]
 
 
@@ -72,17 +77,22 @@ def padded_dsub(dsub):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop query blocks much wider than the batch and, in the threshold pass, configs holding
-    more than 16 int64 keys per thread, or 8 with exclusions (the compile matrix,
-    kernels/compile_check.py, shows them spilling on sm_90); else the fewest keys per thread."""
+    """Drop query blocks much wider than the batch; in the threshold pass, keep the configs for
+    the exclusion setting (``_EXCLUDE_CONFIGS`` at 4-8 int64 keys per thread with exclusions,
+    the others at most 16 without): more spill on sm_90 (kernels/compile_check.py)."""
     args = {**named_args, **kwargs}
     batch, kt = args["B_BUCKET"], args.get("KT")
     if kt is None:
         return [c for c in configs if c.kwargs["BQ"] <= max(batch, 32)] or configs[:1]
     per_thread = lambda c: c.kwargs["BQ"] * tile_size(c.kwargs["BLOCK_N"], kt) / (32 * c.num_warps)
-    limit = 8 if args.get("EXCLUDE_STEPS", 0) > 0 else 16
-    kept = [c for c in configs if c.kwargs["BQ"] <= max(batch, 32) and per_thread(c) <= limit]
-    return kept or [min(configs, key=per_thread)]
+    if args.get("EXCLUDE_STEPS", 0) > 0 and _EXCLUDE_CONFIGS:
+        pool = [c for c in configs if c in _EXCLUDE_CONFIGS]
+        fits = [c for c in pool if 4 <= per_thread(c) <= 8]
+    else:
+        pool = [c for c in configs if c not in _EXCLUDE_CONFIGS]
+        fits = [c for c in pool if per_thread(c) <= 16]
+    kept = [c for c in fits if c.kwargs["BQ"] <= max(batch, 32)]
+    return kept or fits[:1] or [min(pool, key=per_thread)]
 
 
 @triton.jit
@@ -106,7 +116,8 @@ def approx_tile(query, centroids, codes_t, stride, rows, row_ok, items, item_ok,
     return acc
 
 
-@triton.autotune(configs=_THRESHOLD_CONFIGS, key=["M", "DSUB", "B_BUCKET", "KT", "EXCLUDE_STEPS", "INPUT_PRECISION"],
+@triton.autotune(configs=_THRESHOLD_CONFIGS + _EXCLUDE_CONFIGS,
+                 key=["M", "DSUB", "B_BUCKET", "KT", "EXCLUDE_STEPS", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["B", "N", "K", "E", "num_splits", "B_BUCKET"])
 def decode_threshold_kernel(query, centroids, codes_t, stride, exclude_sorted, cand, B, N, K, E, num_splits, B_BUCKET,

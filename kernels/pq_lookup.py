@@ -12,6 +12,11 @@ import triton
 import triton.language as tl
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+# The selection kernels' configs set ptxas's register limit explicitly: without one, the ptxas of
+# Triton 3.6 settled on 96 (4 warps) or 128 (8 warps) registers and spilled where up to 255 fit
+# without spills (compile matrix: the top-k kernel at KT = 128 with exclusions, 24 B -> 168
+# registers and none).
+MAX_REGISTERS = 255
 
 
 @triton.jit

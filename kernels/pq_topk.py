@@ -11,14 +11,15 @@ both. Keys carry exclusions and ties (see ``recjpq.topk_keys``), so stage 2 is a
 import triton
 import triton.language as tl
 
-from recjpq.kernels.pq_lookup import (INTERPRETED, empty_key, merge_tile, program_items, score_tile, store_best,
-                                     tile_items)
+from recjpq.kernels.pq_lookup import (INTERPRETED, MAX_REGISTERS, empty_key, merge_tile, program_items, score_tile,
+                                     store_best, tile_items)
 
 _CONFIGS = [triton.Config({"BLOCK_N": 64, "QB": 2})] if INTERPRETED else [
-    # few configs: each one compiles in seconds on the host, once per autotuning key
-    triton.Config({"BLOCK_N": 1024, "QB": 1}, num_warps=4),
-    triton.Config({"BLOCK_N": 2048, "QB": 1}, num_warps=8),
-    triton.Config({"BLOCK_N": 1024, "QB": 4}, num_warps=8),
+    # few configs: each one compiles in seconds on the host, once per autotuning key. With more
+    # than 4 items of a tile per thread, QB = 1 configs spilled under Triton 3.6 (compile matrix).
+    triton.Config({"BLOCK_N": 512, "QB": 1}, num_warps=4, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 1024, "QB": 1}, num_warps=8, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 1024, "QB": 4}, num_warps=8, maxnreg=MAX_REGISTERS),
 ]
 
 
@@ -35,12 +36,13 @@ def tile_size(block_n, kt):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop query groups wider than the batch, and wide groups when the key buffers are large."""
+    """Drop query groups wider than the batch, wide groups when the key buffers are large, and
+    configs where a thread would hold more than 4 items of a tile (KT > BLOCK_N widens the tile)."""
     args = {**named_args, **kwargs}
     batch, kt = args["B_BUCKET"], args["KT"]
-    kept = [c for c in configs
-            if c.kwargs["QB"] <= batch and c.kwargs["QB"] * tile_size(c.kwargs["BLOCK_N"], kt) <= 4096]
-    return kept or configs[:1]
+    fits = [c for c in configs if tile_size(c.kwargs["BLOCK_N"], kt) <= 4 * 32 * c.num_warps]
+    kept = [c for c in fits if c.kwargs["QB"] <= batch and c.kwargs["QB"] * tile_size(c.kwargs["BLOCK_N"], kt) <= 4096]
+    return kept or fits[:1] or configs[:1]
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "K", "B_BUCKET", "KT"], prune_configs_by={"early_config_prune": _prune})
