@@ -143,7 +143,7 @@ def triton_cells():
                                    (f32, codes, stride, i64, i64, batch, n, excluded, splits, _bucket(batch)),
                                    dict(M=M, K=K, **steps, **config.kwargs, **_options(config)),
                                    {**cell, "cfg": i})
-                        if k > dec.MAX_DECODE_K:
+                        if k > (dec.MAX_DECODE_K_EXCLUDING if excluded else dec.MAX_DECODE_K):
                             continue  # pq_topk_query answers it with pq_topk
                         for algorithm, (operand, precision, _, _) in dec.DECODE_ALGORITHMS.items():
                             q = _mock(operand)

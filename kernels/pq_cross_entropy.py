@@ -120,7 +120,7 @@ def pq_logsumexp(S: torch.Tensor, codes_t: torch.Tensor, n: int, scale: float, r
     grid, range_len = _launch_shape(batch, n, ranges)
     run_max = torch.empty(grid[1], batch, dtype=torch.float32, device=S.device)
     run_sum = torch.empty_like(run_max)
-    pq_logsumexp_kernel[grid](S.float(), codes_t, codes_t.stride(0), run_max, run_sum, batch, n, range_len, scale,
+    pq_logsumexp_kernel[grid](S.float().contiguous(), codes_t, codes_t.stride(0), run_max, run_sum, batch, n, range_len, scale,
                               M=m, K=num_codes, BLOCK_N=_BLOCK_N, QB=_QB, num_warps=_WARPS)
     best = run_max.max(dim=0).values
     lse = best + torch.log((run_sum * torch.exp(run_max - best)).sum(dim=0))
@@ -134,7 +134,7 @@ def pq_logsumexp_backward(S: torch.Tensor, codes_t: torch.Tensor, n: int, lse: t
     with ``deterministic``; see the module docstring)."""
     batch, m, num_codes = S.shape
     weight = (grad_lse * scale).float().contiguous()
-    args = (S.float(), codes_t, codes_t.stride(0), lse.float().contiguous(), weight)
+    args = (S.float().contiguous(), codes_t, codes_t.stride(0), lse.float().contiguous(), weight)
     if deterministic:
         grid, range_len = _launch_shape(batch, n, min(ranges, _DET_MAX_RANGES), _DET_BLOCK_N, _DET_QB)
         partial = torch.zeros((grid[1],) + tuple(S.shape), dtype=torch.float32, device=S.device)

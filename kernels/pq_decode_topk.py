@@ -44,6 +44,9 @@ DECODE_ALGORITHMS = {
 _ADD_ERROR = 2.0**-22
 # Past this, a program's keys would not fit in registers next to the dot tiles (see _prune).
 MAX_DECODE_K = 128
+# With exclusions the threshold pass's search adds registers: at KT = 128 it spilled on sm_80
+# (compile matrix), so such calls with k > 16 take the LUT path.
+MAX_DECODE_K_EXCLUDING = 16
 # Queries whose ``abs_score_bound`` reaches this take the LUT path, so no partial sum can overflow.
 _SAFE_BOUND = 2.0**100
 # The interpreter's tl.dot misreads bf16 operands; their values are exact in float32.
@@ -56,12 +59,10 @@ _THRESHOLD_CONFIGS = [triton.Config({"BLOCK_N": 32, "BQ": 16})] if INTERPRETED e
     triton.Config({"BLOCK_N": 64, "BQ": 32}, num_warps=4, maxnreg=MAX_REGISTERS),
     triton.Config({"BLOCK_N": 128, "BQ": 32}, num_warps=8, maxnreg=MAX_REGISTERS),
 ]
-# The threshold pass with exclusions (the search adds registers): the compile matrix showed the
-# configs above spilling with exclusions, these two not, at 4 to 8 keys per thread (under Triton
-# 3.6 fewer keys per thread spilled too: ptxas picked a 96- or 128-register target).
+# The threshold pass with exclusions (the search adds registers; KT <= 16, MAX_DECODE_K_EXCLUDING):
+# the compile matrix showed the configs above spilling with exclusions, this one not.
 _EXCLUDE_CONFIGS = [] if INTERPRETED else [
     triton.Config({"BLOCK_N": 32, "BQ": 32}, num_warps=4, maxnreg=MAX_REGISTERS),
-    triton.Config({"BLOCK_N": 32, "BQ": 16}, num_warps=8, maxnreg=MAX_REGISTERS),
 ]
 _CANDIDATE_CONFIGS = [triton.Config({"BLOCK_N": 32, "BQ": 16})] if INTERPRETED else [
     triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=4, maxnreg=MAX_REGISTERS),
@@ -79,7 +80,7 @@ def padded_dsub(dsub):
 def _prune(configs, named_args, **kwargs):
     """Drop query blocks much wider than the batch; in the threshold pass, keep the configs for
     the exclusion setting (``_EXCLUDE_CONFIGS`` at 4-8 int64 keys per thread with exclusions,
-    the others at most 16 without): more spill on sm_90 (kernels/compile_check.py)."""
+    the others at most 16 without): more spilled (kernels/compile_check.py)."""
     args = {**named_args, **kwargs}
     batch, kt = args["B_BUCKET"], args.get("KT")
     if kt is None:

@@ -36,12 +36,14 @@ def tile_size(block_n, kt):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop query groups wider than the batch, wide groups when the key buffers are large, and
-    configs where a thread would hold more than 4 items of a tile (KT > BLOCK_N widens the tile)."""
+    """Drop query groups wider than the batch, wide groups when the tile or the kept keys are large
+    (QB = 4 at KT = 1024 spilled on sm_90 under Triton 3.9), and configs where a thread would hold
+    more than 4 items of a tile (KT > BLOCK_N widens the tile)."""
     args = {**named_args, **kwargs}
     batch, kt = args["B_BUCKET"], args["KT"]
     fits = [c for c in configs if tile_size(c.kwargs["BLOCK_N"], kt) <= 4 * 32 * c.num_warps]
-    kept = [c for c in fits if c.kwargs["QB"] <= batch and c.kwargs["QB"] * tile_size(c.kwargs["BLOCK_N"], kt) <= 4096]
+    kept = [c for c in fits if c.kwargs["QB"] <= batch and c.kwargs["QB"] * kt <= 2048
+            and c.kwargs["QB"] * tile_size(c.kwargs["BLOCK_N"], kt) <= 4096]
     return kept or fits[:1] or configs[:1]
 
 

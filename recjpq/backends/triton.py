@@ -94,6 +94,7 @@ def _num_splits(n: int, batch: int, device: torch.device, kt: int | None = None)
 
 
 def pq_scores(S: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    S = S.contiguous()  # the kernels index S as a dense [B, M, K]
     batch, m, num_codes = S.shape
     n = codes.shape[0]
     codes_t = _codes_split_major(codes, num_codes)
@@ -107,6 +108,7 @@ def pq_topk(S, codes, k, exclude=None, algorithm="auto"):
     del algorithm  # one exact scan; its running threshold already skips most selection work
     if k > MAX_FUSED_K:
         return reference.pq_topk(S, codes, k, exclude)
+    S = S.contiguous()  # e.g. subitem_scores' S in pq_topk_query; the kernels index a dense [B, M, K]
     batch, m, num_codes = S.shape
     n = codes.shape[0]
     kt = key_slots(k)
@@ -142,11 +144,12 @@ def pq_cross_entropy_backward(S, codes, lse, grad_lse, scale):
 
 # recjpq.ops.pq_topk_query, algorithm "decode*": tensor-core scores of decoded items, exact rescoring
 # of the candidates within a proven margin (kernels/pq_decode_topk.py)
-from recjpq.kernels.pq_decode_topk import MAX_DECODE_K, pq_decode_topk  # noqa: E402
+from recjpq.kernels.pq_decode_topk import MAX_DECODE_K, MAX_DECODE_K_EXCLUDING, pq_decode_topk  # noqa: E402
 
 
 def pq_topk_query(query, centroids, S, codes, k, exclude, algorithm):
-    if k > MAX_DECODE_K:
+    excluding = exclude is not None and exclude.shape[1] > 0
+    if k > (MAX_DECODE_K_EXCLUDING if excluding else MAX_DECODE_K):
         return pq_topk(S, codes, k, exclude)
     lut = lambda S_rows, exclude_rows: pq_topk(S_rows, codes, k, exclude_rows)
     n = codes.shape[0]
