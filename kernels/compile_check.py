@@ -283,8 +283,10 @@ def _demangle(names: list[str]) -> list[str]:
     if tool is None:
         return names
     out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    return [re.sub(r"\(.*\)$", "", s).replace("recjpq_cuda::", "").replace("unsigned char", "uint8")
-            .replace("short", "int16").replace("int,", "int32,") for s in out] if len(out) == len(names) else names
+    if len(out) != len(names):
+        return names
+    return [re.sub(r"\(.*\)$", "", s).removeprefix("void ").replace("recjpq_cuda::", "")
+            .replace("unsigned char", "uint8").replace("short", "int16").replace("int,", "int32,") for s in out]
 
 
 def cuda_variants(arches, nvcc: str) -> list[Variant]:

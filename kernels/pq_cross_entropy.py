@@ -120,8 +120,8 @@ def pq_logsumexp(S: torch.Tensor, codes_t: torch.Tensor, n: int, scale: float, r
     grid, range_len = _launch_shape(batch, n, ranges)
     run_max = torch.empty(grid[1], batch, dtype=torch.float32, device=S.device)
     run_sum = torch.empty_like(run_max)
-    pq_logsumexp_kernel[grid](S.float().contiguous(), codes_t, codes_t.stride(0), run_max, run_sum, batch, n, range_len, scale,
-                              M=m, K=num_codes, BLOCK_N=_BLOCK_N, QB=_QB, num_warps=_WARPS)
+    pq_logsumexp_kernel[grid](S.float().contiguous(), codes_t, codes_t.stride(0), run_max, run_sum, batch, n, range_len,
+                              scale, M=m, K=num_codes, BLOCK_N=_BLOCK_N, QB=_QB, num_warps=_WARPS)
     best = run_max.max(dim=0).values
     lse = best + torch.log((run_sum * torch.exp(run_max - best)).sum(dim=0))
     return lse.to(S.dtype)

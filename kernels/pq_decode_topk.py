@@ -231,7 +231,8 @@ def pq_decode_topk(query, centroids, S, codes_t, n, k, exclude, num_splits, algo
 
     ``query [B, d]``, ``centroids [M, K, d/M]``, ``S = subitem_scores(query, centroids)`` float32,
     ``codes_t`` the padded split-major ``[M, stride]`` codes of ``n`` items, ``exclude`` int64
-    ``[B, E]`` or None, k <= N and ``k <= MAX_DECODE_K``. ``lut(S_rows, exclude_rows)`` answers the queries that fall back.
+    ``[B, E]`` or None, k <= N and ``k <= MAX_DECODE_K``. ``lut(S_rows, exclude_rows)`` answers the
+    queries that fall back.
     """
     dtype, precision = DECODE_ALGORITHMS[algorithm][:2]
     batch, d = query.shape

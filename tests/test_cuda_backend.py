@@ -46,8 +46,8 @@ def test_plan_respects_kernel_limits(batch, n, m, num_codes, k, limits):
     assert -(-batch // p.query_group) <= cuda.MAX_QUERY_GROUPS
     if k is None:
         assert p.buffer_len == 0
-    else:
-        assert p.grid_x == 1 or p.grid_x * k <= n // 8  # the final merge stays well below N keys  # a power of two that holds k kept keys plus one full tile
+    else:  # a power of two that holds k kept keys plus one full tile
+        assert p.grid_x == 1 or p.grid_x * k <= n // 8  # the final merge stays well below N keys
         assert p.buffer_len & (p.buffer_len - 1) == 0 and p.buffer_len >= k + cuda.THREADS
 
 
