@@ -1,74 +1,140 @@
 #!/usr/bin/env bash
-# The project's one-call GPU run, from the repository root on a fresh GPU machine:
-#   bash bench/gpu.sh [all|setup|test|bench] [bench/gpu_bench.py arguments...]
-#   bash bench/gpu.sh models DATA_FILE [recjpq train arguments...]
-# all (default): setup, the whole test suite on the GPU, bench/cuda_checks.sh if present, then
-# bench/gpu_bench.py --quick unless arguments are given. Logs and JSON go to ${OUT:-bench/results}.
-# Everything fits LIMIT_S seconds (default 570, for a 10-minute slot): the test run gets at most
-# TEST_TIMEOUT_S (default 240) and the benchmark starts no new shape past what is left.
-# models: the quality tables of docs/models.md on the GPU (scripts/run_table.sh with MODELS and
-# VARIANTS); the runs share what is left of LIMIT_S. The data is not redistributable, so it
-# travels in the git-ignored .data/ (docs/models.md, "On a GPU"). DEVICE=cpu skips the setup.
+# The project's GPU run, in stages that each fit one 600 s command (the longest our GPU machines
+# take), from the repository root:
+#   bash bench/gpu.sh [test]               # setup + the test suite on the GPU (the default)
+#   bash bench/gpu.sh sanitizer            # setup + compute-sanitizer memcheck of the CUDA kernels
+#   bash bench/gpu.sh bench [gpu_bench.py arguments]   # setup + bench/gpu_bench.py (--quick default)
+#   bash bench/gpu.sh dispatch             # setup + bench/cuda_dispatch_table.py (gpu_dispatch.json)
+#   bash bench/gpu.sh models DATA_FILE [recjpq train arguments...]   # setup + docs/models.md tables
+#   bash bench/gpu.sh budgets              # prints every stage's worst case and their sum
+# DRY_RUN=1 prints each step and its time limit instead of running it (works without a GPU).
+# Worst cases: setup is at most SETUP_S (240 s: pip installs and the CUDA extension build, each
+# under a timeout; seconds when the machine is warm), and each stage's own steps have timeouts
+# that, with setup and 30 s of slack, add up to at most 570 s. Logs and JSON go to ${OUT:-bench/results}.
+# Autotuning: TRITON_CACHE_AUTOTUNING=1 keeps each kernel's chosen config in Triton's cache, so a
+# later stage on the same warm machine neither recompiles nor re-benchmarks; the tests use few
+# shapes (tests/test_triton_backend.py) so autotuning compiles few kernels.
+# models: the quality tables of docs/models.md (scripts/run_table.sh with MODELS and VARIANTS);
+# the data is not redistributable, so it travels in the git-ignored .data/ (docs/models.md, "On a
+# GPU"). DEVICE=cpu skips the setup.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE="${1:-all}"; [ $# -gt 0 ] && shift
-LIMIT_S="${LIMIT_S:-570}"
-OUT="${OUT:-bench/results}"; mkdir -p "$OUT"
+STAGE="${1:-test}"; [ $# -gt 0 ] && shift
+OUT="${OUT:-bench/results}"
 PY="${PYTHON:-python3}"
+DRY_RUN="${DRY_RUN:-0}"
+SETUP_S=240 SLACK_S=30
+TEST_S=300 SANITIZER_S=300 BENCH_S=280 DISPATCH_S=280 MODELS_S=300
 unset TRITON_INTERPRET  # kernels must compile for the GPU, not run in the interpreter
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 status=0
+RAN=() SKIPPED=()
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND under `timeout LIMIT_S` (or prints it with DRY_RUN=1).
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "== $name (at most ${limit}s): $*"
+  if [ "$DRY_RUN" = 1 ]; then RAN+=("$name (dry run)"); return 0; fi
+  local start=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  RAN+=("$name: exit $rc in $((SECONDS - start))s")
+  [ $rc -eq 0 ] || status=1
+  return $rc
+}
+
+skip() { echo "== skipped: $*"; SKIPPED+=("$*"); }
 
 setup() {
-  if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    echo "== no CUDA torch: installing one (needs a package registry)"
-    "$PY" -m pip install --quiet torch || { echo "could not install a CUDA torch"; exit 1; }
+  [ "$DRY_RUN" = 1 ] || mkdir -p "$OUT"
+  local start=$SECONDS
+  if [ "$DRY_RUN" != 1 ] && ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "no CUDA torch here: install one first (README, 'GPU')"; exit 1
   fi
+  local missing=()
   for mod in triton pytest hypothesis numpy scipy ninja; do
-    "$PY" -c "import $mod" 2>/dev/null || "$PY" -m pip install --quiet "$mod" || echo "warning: $mod missing"
+    "$PY" -c "import $mod" 2>/dev/null || missing+=("$mod")
   done
-  "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . || { echo "recjpq failed to build"; exit 1; }
+  if [ ${#missing[@]} -gt 0 ]; then
+    step "pip install ${missing[*]}" 60 "$PY" -m pip install --quiet "${missing[@]}"
+  else
+    skip "pip install (every test dependency present)"
+  fi
+  if "$PY" -c "import recjpq._C_cuda" 2>/dev/null; then
+    skip "building recjpq (installed, with its CUDA extension)"
+  else
+    step "pip install -e . (C++ and CUDA extensions)" $((SETUP_S - 60 - (SECONDS - start))) \
+      "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . || { echo "recjpq failed to build"; exit 1; }
+  fi
+  [ "$DRY_RUN" = 1 ] && return
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
   "$PY" -c "import torch, triton, recjpq; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'triton', triton.__version__, torch.cuda.get_device_name(), 'backends on cuda:', recjpq.available_backends('cuda'))"
 }
 
 run_tests() {
-  echo "== pytest on $("$PY" -c 'import torch; print(torch.cuda.get_device_name())')"
-  timeout "${TEST_TIMEOUT_S:-240}" "$PY" -m pytest -q tests -rs 2>&1 | tee "$OUT/pytest.log" || status=1
-  if [ -f bench/cuda_checks.sh ]; then
-    echo "== bench/cuda_checks.sh"
-    bash bench/cuda_checks.sh 2>&1 | tee "$OUT/cuda_checks.log" || status=1
+  step "pytest tests on the GPU" "$TEST_S" "$PY" -m pytest -q -rs -x tests -p no:cacheprovider \
+    --junitxml="$OUT/pytest.xml"
+}
+
+run_sanitizer() {
+  local sanitizer
+  sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+  if [ -z "$sanitizer" ] && [ "$DRY_RUN" != 1 ]; then
+    skip "memcheck: compute-sanitizer not found"; status=1; return
   fi
+  # small shapes only: the full-scale and fuzz tests are slow under the sanitizer
+  step "compute-sanitizer memcheck of tests/test_cuda_backend.py" "$SANITIZER_S" \
+    "${sanitizer:-compute-sanitizer}" --tool memcheck --error-exitcode 3 --leak-check no \
+    "$PY" -m pytest -q -x tests/test_cuda_backend.py -p no:cacheprovider -k "not full_scale and not fuzz and not emulated"
+  skip "racecheck/synccheck (not budgeted in this stage)"
 }
 
 run_bench() {
-  local left=$(( LIMIT_S - SECONDS - 90 ))  # the last shape and the JSON write need headroom
-  [ "$left" -lt 30 ] && { echo "no time left for the benchmark"; return; }
   [ $# -eq 0 ] && set -- --quick
-  echo "== bench/gpu_bench.py $* (budget ${left}s)"
-  "$PY" bench/gpu_bench.py --budget-s "$left" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_bench.log" || status=1
+  # the benchmark starts no new shape past its budget; 40 s cover the last shape and the JSON
+  step "bench/gpu_bench.py $*" "$BENCH_S" "$PY" bench/gpu_bench.py --budget-s $((BENCH_S - 40)) --out "$OUT" "$@"
+}
+
+run_dispatch() {
+  step "bench/cuda_dispatch_table.py --quick" "$DISPATCH_S" \
+    "$PY" bench/cuda_dispatch_table.py --quick --budget-s $((DISPATCH_S - 40))
+  [ "$DRY_RUN" = 1 ] || cp recjpq/backends/gpu_dispatch.json "$OUT/" 2>/dev/null
 }
 
 run_models() {
   local data=${1:?usage: bash bench/gpu.sh models DATA_FILE [recjpq train arguments...]}; shift
   local name; name=$(basename "${data%.*}")
   local runs=${RUNS_DIR:-/tmp/recjpq-runs}/$name
-  echo "== training runs on $data, sharing $(( LIMIT_S - SECONDS - 30 ))s"
-  PYTHON=$PY THREADS=${THREADS:-8} TIME_BUDGET=$(( LIMIT_S - SECONDS - 30 )) bash scripts/run_table.sh "$data" "$runs" \
-    --device "${DEVICE:-cuda}" "$@" 2>&1 | tee "$OUT/models_$name.log" || status=1
+  PYTHON=$PY THREADS=${THREADS:-8} TIME_BUDGET=$((MODELS_S - 30)) \
+    step "scripts/run_table.sh $data (sharing $((MODELS_S - 30))s)" "$MODELS_S" \
+    bash scripts/run_table.sh "$data" "$runs" --device "${DEVICE:-cuda}" "$@"
   for metrics in "$runs"/*/metrics.json; do
     [ -f "$metrics" ] && cp "$metrics" "$OUT/models_${name}_$(basename "$(dirname "$metrics")").json"
   done
 }
 
+budgets() {
+  local total=0 stage work
+  for stage in test:$TEST_S sanitizer:$SANITIZER_S bench:$BENCH_S dispatch:$DISPATCH_S models:$MODELS_S; do
+    work=${stage#*:}
+    echo "${stage%%:*}: setup ${SETUP_S}s + ${work}s + slack ${SLACK_S}s = $((SETUP_S + work + SLACK_S))s"
+    total=$((total + SETUP_S + work + SLACK_S))
+  done
+  echo "all stages: ${total}s of device time at worst, in 5 runs of at most 600s"
+}
+
 case "$STAGE" in
-  all) setup; run_tests; run_bench "$@" ;;
-  setup) setup ;;
   test) setup; run_tests ;;
+  sanitizer) setup; run_sanitizer ;;
   bench) setup; run_bench "$@" ;;
-  models) [ "${DEVICE:-cuda}" = cpu ] || setup; run_models "$@" ;;
-  *) echo "usage: bash bench/gpu.sh [all|setup|test|bench] [gpu_bench.py args] | models DATA_FILE [train args]"; exit 2 ;;
+  dispatch) setup; run_dispatch ;;
+  models) if [ "${DEVICE:-cuda}" = cpu ]; then skip "setup (DEVICE=cpu)"; else setup; fi; run_models "$@" ;;
+  budgets) budgets; exit 0 ;;
+  *) echo "usage: bash bench/gpu.sh test|sanitizer|bench [gpu_bench.py args]|dispatch|models DATA_FILE [args]|budgets"
+     exit 2 ;;
 esac
-echo "== done in ${SECONDS}s, status $status"
+echo "== stage $STAGE done in ${SECONDS}s, status $status"
+for line in "${RAN[@]}"; do echo "   ran: $line"; done
+for line in "${SKIPPED[@]}"; do echo "   skipped: $line"; done
 exit $status

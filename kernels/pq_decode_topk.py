@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from recjpq.kernels.pq_lookup import INTERPRETED, empty_key, merge_tile, program_items, store_best, tile_items
-from recjpq.kernels.pq_topk import tile_size
+from recjpq.kernels.pq_lookup import (INTERPRETED, MAX_REGISTERS, empty_key, load_codes, merge_tile, program_items,
+                                     store_best, tile_items)
+from recjpq.kernels.pq_topk import key_slots, tile_size
 from recjpq.topk_keys import EMPTY_KEY, pack_keys as pack_keys_torch, unpack_keys
 
 # algorithm -> (operand dtype, tl.dot input_precision, eta, fp32 additions per product).
@@ -43,6 +44,9 @@ DECODE_ALGORITHMS = {
 _ADD_ERROR = 2.0**-22
 # Past this, a program's keys would not fit in registers next to the dot tiles (see _prune).
 MAX_DECODE_K = 128
+# With exclusions the threshold pass's search adds registers: at KT = 128 it spilled on sm_80
+# (compile matrix), so such calls with k > 16 take the LUT path.
+MAX_DECODE_K_EXCLUDING = 16
 # Queries whose ``abs_score_bound`` reaches this take the LUT path, so no partial sum can overflow.
 _SAFE_BOUND = 2.0**100
 # The interpreter's tl.dot misreads bf16 operands; their values are exact in float32.
@@ -51,14 +55,19 @@ _UPCAST_OPERANDS = tl.constexpr(INTERPRETED)
 # Compiled for sm_90 (Triton 3.9, no GPU), these use at most 254 registers per thread and no
 # local memory at M = 32, d/M = 16; wider tiles per thread spill. Untimed.
 _THRESHOLD_CONFIGS = [triton.Config({"BLOCK_N": 32, "BQ": 16})] if INTERPRETED else [
-    triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=8),
-    triton.Config({"BLOCK_N": 64, "BQ": 32}, num_warps=4),
-    triton.Config({"BLOCK_N": 128, "BQ": 32}, num_warps=8),
+    triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=8, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 64, "BQ": 32}, num_warps=4, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 128, "BQ": 32}, num_warps=8, maxnreg=MAX_REGISTERS),
+]
+# The threshold pass with exclusions (the search adds registers; KT <= 16, MAX_DECODE_K_EXCLUDING):
+# the compile matrix showed the configs above spilling with exclusions, this one not.
+_EXCLUDE_CONFIGS = [] if INTERPRETED else [
+    triton.Config({"BLOCK_N": 32, "BQ": 32}, num_warps=4, maxnreg=MAX_REGISTERS),
 ]
 _CANDIDATE_CONFIGS = [triton.Config({"BLOCK_N": 32, "BQ": 16})] if INTERPRETED else [
-    triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=4),
-    triton.Config({"BLOCK_N": 128, "BQ": 64}, num_warps=8),
-    triton.Config({"BLOCK_N": 64, "BQ": 128}, num_warps=8),
+    triton.Config({"BLOCK_N": 64, "BQ": 64}, num_warps=4, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 128, "BQ": 64}, num_warps=8, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 64, "BQ": 128}, num_warps=8, maxnreg=MAX_REGISTERS),
 ]
 
 
@@ -69,17 +78,26 @@ def padded_dsub(dsub):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop query blocks much wider than the batch and, in the threshold pass, configs holding
-    more than 16 int64 keys per thread (they spill on sm_90)."""
+    """Drop query blocks much wider than the batch; in the threshold pass, keep the configs for
+    the exclusion setting (``_EXCLUDE_CONFIGS`` at 4-8 int64 keys per thread with exclusions,
+    the others at most 16 without): more spilled (kernels/compile_check.py)."""
     args = {**named_args, **kwargs}
     batch, kt = args["B_BUCKET"], args.get("KT")
-    kept = [c for c in configs if c.kwargs["BQ"] <= max(batch, 32) and
-            (kt is None or c.kwargs["BQ"] * tile_size(c.kwargs["BLOCK_N"], kt) <= 16 * 32 * c.num_warps)]
-    return kept or configs[:1]
+    if kt is None:
+        return [c for c in configs if c.kwargs["BQ"] <= max(batch, 32)] or configs[:1]
+    per_thread = lambda c: c.kwargs["BQ"] * tile_size(c.kwargs["BLOCK_N"], kt) / (32 * c.num_warps)
+    if args.get("EXCLUDE_STEPS", 0) > 0 and _EXCLUDE_CONFIGS:
+        pool = [c for c in configs if c in _EXCLUDE_CONFIGS]
+        fits = [c for c in pool if 4 <= per_thread(c) <= 8]
+    else:
+        pool = [c for c in configs if c not in _EXCLUDE_CONFIGS]
+        fits = [c for c in pool if per_thread(c) <= 16]
+    kept = [c for c in fits if c.kwargs["BQ"] <= max(batch, 32)]
+    return kept or fits[:1] or [min(pool, key=per_thread)]
 
 
 @triton.jit
-def approx_tile(query, centroids, codes_t, rows, row_ok, items, item_ok, N, K, M: tl.constexpr,
+def approx_tile(query, centroids, codes_t, stride, rows, row_ok, items, item_ok, K, M: tl.constexpr,
                 DSUB: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """``[BQ, TILE]`` tensor-core scores: each split's centroid rows, gathered by code, are one
     ``[DSUB, TILE]`` operand of a ``tl.dot`` with the queries' matching ``[BQ, DSUB]`` chunk."""
@@ -89,7 +107,7 @@ def approx_tile(query, centroids, codes_t, rows, row_ok, items, item_ok, N, K, M
     q_rows = query + rows.to(tl.int64)[:, None] * (M * DSUB)
     acc = tl.zeros((rows.shape[0], items.shape[0]), dtype=tl.float32)
     for m in range(M):  # not unrolled: unrolled, the splits' gathers are hoisted and spill registers
-        code = tl.load(codes_t + m * N.to(tl.int64) + items, mask=item_ok, other=0).to(tl.int32)
+        code = load_codes(codes_t, stride, m, items)
         q = tl.load(q_rows + m * DSUB + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
         c = tl.load(centroids + (m * K + code)[None, :] * DSUB + j[:, None],
                     mask=j_ok[:, None] & item_ok[None, :], other=0.0)
@@ -99,10 +117,11 @@ def approx_tile(query, centroids, codes_t, rows, row_ok, items, item_ok, N, K, M
     return acc
 
 
-@triton.autotune(configs=_THRESHOLD_CONFIGS, key=["M", "DSUB", "B_BUCKET", "KT", "INPUT_PRECISION"],
+@triton.autotune(configs=_THRESHOLD_CONFIGS + _EXCLUDE_CONFIGS,
+                 key=["M", "DSUB", "B_BUCKET", "KT", "EXCLUDE_STEPS", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def decode_threshold_kernel(query, centroids, codes_t, exclude_sorted, cand, B, N, K, E, num_splits, B_BUCKET,
+@triton.jit(do_not_specialize=["B", "N", "K", "E", "num_splits", "B_BUCKET"])
+def decode_threshold_kernel(query, centroids, codes_t, stride, exclude_sorted, cand, B, N, K, E, num_splits, B_BUCKET,
                             M: tl.constexpr, DSUB: tl.constexpr, KT: tl.constexpr, EXCLUDE_STEPS: tl.constexpr,
                             INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BQ: tl.constexpr):
     """Pass 1: a running top-``KT`` of approximate keys per (item range, query block), as in
@@ -112,15 +131,17 @@ def decode_threshold_kernel(query, centroids, codes_t, exclude_sorted, cand, B, 
     best = tl.full((BQ, KT), empty_key(), tl.int64)  # descending
     for tile in range(first, last):
         start, items, item_ok = tile_items(tile, TILE, N)
-        scores = approx_tile(query, centroids, codes_t, rows, row_ok, items, item_ok, N, K, M, DSUB, INPUT_PRECISION)
+        scores = approx_tile(query, centroids, codes_t, stride, rows, row_ok, items, item_ok, K, M, DSUB,
+                             INPUT_PRECISION)
         best = merge_tile(best, scores, rows, row_ok, start, items, item_ok, exclude_sorted, E, KT, EXCLUDE_STEPS)
     store_best(cand, best, rows, row_ok, split, num_splits, KT)
 
 
 @triton.autotune(configs=_CANDIDATE_CONFIGS, key=["M", "DSUB", "B_BUCKET", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["counts"])
-@triton.jit
-def decode_candidates_kernel(query, centroids, codes_t, threshold, cand_ids, counts, B, N, K, capacity, B_BUCKET,
+@triton.jit(do_not_specialize=["B", "N", "K", "capacity", "B_BUCKET"])
+def decode_candidates_kernel(query, centroids, codes_t, stride, threshold, cand_ids, counts, B, N, K, capacity,
+                             B_BUCKET,
                              M: tl.constexpr, DSUB: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                              BLOCK_N: tl.constexpr, BQ: tl.constexpr):
     """Pass 2: one program per (item tile, query block), query blocks fastest so they share the
@@ -133,7 +154,7 @@ def decode_candidates_kernel(query, centroids, codes_t, threshold, cand_ids, cou
     start = (pid // groups) * BLOCK_N
     items = start + tl.arange(0, BLOCK_N)
     item_ok = items < N
-    scores = approx_tile(query, centroids, codes_t, rows, row_ok, items, item_ok, N, K, M, DSUB, INPUT_PRECISION)
+    scores = approx_tile(query, centroids, codes_t, stride, rows, row_ok, items, item_ok, K, M, DSUB, INPUT_PRECISION)
     thr = tl.load(threshold + rows, mask=row_ok, other=float("inf"))
     keep = row_ok[:, None] & item_ok[None, :] & (scores >= thr[:, None])
     keep_i = keep.to(tl.int32)
@@ -205,18 +226,18 @@ def _bucket(batch: int) -> int:
     return min(triton.next_power_of_2(batch), 1024)
 
 
-def pq_decode_topk(query, centroids, S, codes_t, k, exclude, num_splits, algorithm, lut):
+def pq_decode_topk(query, centroids, S, codes_t, n, k, exclude, num_splits, algorithm, lut):
     """Exact top-k (``recjpq.ops.pq_topk_query``'s semantics) by the passes in the module docstring.
 
     ``query [B, d]``, ``centroids [M, K, d/M]``, ``S = subitem_scores(query, centroids)`` float32,
-    ``codes_t`` the split-major ``[M, N]`` codes, ``exclude`` int64 ``[B, E]`` or None, k <= N and
-    ``k <= MAX_DECODE_K``. ``lut(S_rows, exclude_rows)`` answers the queries that fall back.
+    ``codes_t`` the padded split-major ``[M, stride]`` codes of ``n`` items, ``exclude`` int64
+    ``[B, E]`` or None, k <= N and ``k <= MAX_DECODE_K``. ``lut(S_rows, exclude_rows)`` answers the
+    queries that fall back.
     """
     dtype, precision = DECODE_ALGORITHMS[algorithm][:2]
     batch, d = query.shape
     m, num_codes, dsub = centroids.shape
-    n = codes_t.shape[1]
-    kt = triton.next_power_of_2(k)
+    kt = key_slots(k)
     q = query.to(dtype).contiguous()
     c = centroids.to(dtype).contiguous()
     if exclude is not None and exclude.shape[1] > 0:
@@ -227,8 +248,8 @@ def pq_decode_topk(query, centroids, S, codes_t, k, exclude, num_splits, algorit
 
     cand = torch.empty(batch, num_splits, kt, dtype=torch.int64, device=S.device)
     grid = lambda meta: (num_splits * triton.cdiv(batch, meta["BQ"]),)
-    decode_threshold_kernel[grid](q, c, codes_t, exclude_sorted, cand, batch, n, num_codes, width, num_splits,
-                                  _bucket(batch), KT=kt, EXCLUDE_STEPS=width.bit_length(), **shape)
+    decode_threshold_kernel[grid](q, c, codes_t, codes_t.stride(0), exclude_sorted, cand, batch, n, num_codes, width,
+                                  num_splits, _bucket(batch), KT=kt, EXCLUDE_STEPS=width.bit_length(), **shape)
     kth, _ = unpack_keys(torch.topk(cand.view(batch, -1), k, dim=1).values[:, -1])
     bound = abs_score_bound(query, centroids)
     margin = score_margin(bound, centroids, algorithm)
@@ -238,8 +259,8 @@ def pq_decode_topk(query, centroids, S, codes_t, k, exclude, num_splits, algorit
     cand_ids = torch.empty(batch, capacity, dtype=torch.int32, device=S.device)
     counts = torch.zeros(batch, dtype=torch.int32, device=S.device)
     grid = lambda meta: (triton.cdiv(batch, meta["BQ"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    decode_candidates_kernel[grid](q, c, codes_t, threshold, cand_ids, counts, batch, n, num_codes, capacity,
-                                   _bucket(batch), **shape)
+    decode_candidates_kernel[grid](q, c, codes_t, codes_t.stride(0), threshold, cand_ids, counts, batch, n, num_codes,
+                                   capacity, _bucket(batch), **shape)
 
     used = min(capacity, max(k, int(counts.max())))  # rescore the filled slots only
     slots = torch.arange(used, device=S.device) < counts.clamp(max=used).unsqueeze(1)

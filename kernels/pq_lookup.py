@@ -3,36 +3,62 @@ the sub-item score table S, and turning scores into packed int64 top-k keys.
 
 Whether ``@triton.jit`` compiles or interprets is decided when a kernel is decorated, i.e. when
 these modules are imported: ``INTERPRETED`` records that choice for the backend.
+
+Every kernel lists its size arguments in ``do_not_specialize``: Triton would otherwise compile
+N = 1 as a constexpr (which has no ``.to``) and N % 16 == 0 as a separate kernel. The codes' row
+stride is the one size left specialised: it is a multiple of 16, which vectorises the code loads.
 """
 import triton
 import triton.language as tl
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+# The selection kernels' configs set ptxas's register limit explicitly: without one, the ptxas of
+# Triton 3.6 settled on 96 (4 warps) or 128 (8 warps) registers and spilled where up to 255 fit
+# without spills (compile matrix: the top-k kernel at KT = 128 with exclusions, 24 B -> 168
+# registers and none).
+MAX_REGISTERS = 255
 
 
 @triton.jit
-def score_tile(S, codes_t, rows, row_ok, items, item_ok, N, M: tl.constexpr, K: tl.constexpr):
+def load_codes(codes_t, stride, m, items):
+    """Split ``m``'s codes of ``items`` from the padded split-major copy ``[M, stride]``.
+
+    ``stride`` is a multiple of 16 (``recjpq.backends.triton.codes_stride``), so Triton knows each
+    row is 16-byte aligned and, masking on ``stride`` rather than N, loads a thread's contiguous
+    codes in one vector load instead of byte by byte; the padding holds code 0.
+    """
+    return tl.load(codes_t + m * stride.to(tl.int64) + items, mask=items < stride, other=0).to(tl.int32)
+
+
+@triton.jit
+def score_tile(S, codes_t, stride, rows, row_ok, items, item_ok, M: tl.constexpr, K: tl.constexpr):
     """Scores ``[QB, BLOCK]`` of ``items`` for the queries ``rows``, summed over splits 0..M-1 in order.
 
-    ``codes_t`` is the ``[M, N]`` (split-major) copy of the codes, so each split's codes load
-    coalesced; the S rows are gathered through L1, where one query's ``M x K`` table stays hot.
-    Adding splits in the reference's order makes the sums bit-identical to it.
+    ``codes_t`` is the padded ``[M, stride]`` (split-major) copy of the codes, so each split's codes
+    load coalesced; the S rows are gathered through L1, where one query's ``M x K`` table stays
+    hot. Adding splits in the reference's order makes the sums bit-identical to it.
     """
     table = S + rows.to(tl.int64)[:, None] * (M * K)
     ok = row_ok[:, None] & item_ok[None, :]
     acc = tl.zeros((rows.shape[0], items.shape[0]), dtype=tl.float32)
     for m in tl.static_range(M):
-        code = tl.load(codes_t + m * N.to(tl.int64) + items, mask=item_ok, other=0).to(tl.int32)
+        code = load_codes(codes_t, stride, m, items)
         acc += tl.load(table + (m * K + code)[None, :], mask=ok, other=0.0)
     return acc
 
 
 @triton.jit
+def ordered_bits(scores):
+    """int32 that orders as the float scores do (-0.0 folded into +0.0): a key's high half."""
+    bits = scores.to(tl.int32, bitcast=True)
+    bits = tl.where(scores == 0.0, 0, bits)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
 def pack_keys(scores, items):
     """The ``recjpq.topk_keys`` packing: ordered float bits high, ``2**32 - 1 - item`` low."""
-    bits = scores.to(tl.int32, bitcast=True)
-    bits = tl.where(scores == 0.0, 0, bits)  # fold -0.0 into +0.0
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    ordered = ordered_bits(scores)
     low = ((tl.full((), 1, tl.int64) << 32) - 1) - items.to(tl.int64)  # all-int64: no uint32 literal
     return (ordered.to(tl.int64) << 32) | low[None, :]
 
@@ -97,23 +123,24 @@ def tile_items(tile, TILE: tl.constexpr, N):
 @triton.jit
 def merge_tile(best, scores, rows, row_ok, start, items, item_ok, exclude_sorted, E, KT: tl.constexpr,
                EXCLUDE_STEPS: tl.constexpr):
-    """``merge_best`` with a tile's ``scores [QB, TILE]``, where padding rows, items past ``N``
-    and excluded items enter as empty keys."""
-    drop = ~(row_ok[:, None] & item_ok[None, :])
-    if EXCLUDE_STEPS > 0:
-        drop |= excluded_mask(exclude_sorted, rows, row_ok, E, start, items, EXCLUDE_STEPS)
-    return merge_best(best, tl.where(drop, empty_key(), pack_keys(scores, items)), KT)
-
-
-@triton.jit
-def merge_best(best, keys, KT: tl.constexpr):
-    """Running descending top-``KT`` ``best [QB, KT]`` updated with a tile's ``keys [QB, TILE]``.
+    """Running descending top-``KT`` ``best [QB, KT]`` updated with a tile's ``scores [QB, TILE]``;
+    padding rows, items past ``N`` and excluded items enter as empty keys.
 
     A tile where no key beats a row's worst kept key skips selection (most tiles, once the
-    threshold settles); otherwise its top ``KT`` merges in with one bitonic merge: the
+    threshold settles), and only then are exclusions looked up (two dependent binary searches
+    per row). A tile that passes merges its top ``KT`` in with one bitonic merge: the
     elementwise max of a descending and an ascending run holds the best ``KT`` of both.
+    ``KT >= 2``: Triton's bitonic merge of a ``[QB, 1]`` run does not compile.
     """
-    if tl.max((keys > tl.min(best, axis=1)[:, None]).to(tl.int32)) > 0:
+    valid = row_ok[:, None] & item_ok[None, :]
+    # The test compares 32-bit ordered scores (ties with the worst kept key pass, to be settled
+    # exactly below): the 64-bit keys of the tile and the exclusion search are only live in the
+    # branch, one after the other, which keeps registers from spilling.
+    worst = (tl.min(best, axis=1) >> 32).to(tl.int32)
+    if tl.max((valid & (ordered_bits(scores) >= worst[:, None])).to(tl.int32)) > 0:
+        if EXCLUDE_STEPS > 0:
+            valid &= ~excluded_mask(exclude_sorted, rows, row_ok, E, start, items, EXCLUDE_STEPS)
+        keys = tl.where(valid, pack_keys(scores, items), empty_key())
         top = tl.topk(keys, KT, dim=1)
         best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), descending=True)
     return best

@@ -22,8 +22,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "K", "B_BUCKET"], prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def pq_scores_kernel(S, codes_t, out, B, N, B_BUCKET, M: tl.constexpr, K: tl.constexpr,
+@triton.jit(do_not_specialize=["B", "N", "B_BUCKET"])
+def pq_scores_kernel(S, codes_t, stride, out, B, N, B_BUCKET, M: tl.constexpr, K: tl.constexpr,
                      BLOCK_N: tl.constexpr, QB: tl.constexpr):
     pid = tl.program_id(0)
     groups = tl.cdiv(B, QB)
@@ -31,6 +31,6 @@ def pq_scores_kernel(S, codes_t, out, B, N, B_BUCKET, M: tl.constexpr, K: tl.con
     items = (pid // groups) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < B
     item_ok = items < N
-    scores = score_tile(S, codes_t, rows, row_ok, items, item_ok, N, M, K)
+    scores = score_tile(S, codes_t, stride, rows, row_ok, items, item_ok, M, K)
     offsets = rows.to(tl.int64)[:, None] * N + items[None, :]
     tl.store(out + offsets, scores, mask=row_ok[:, None] & item_ok[None, :])

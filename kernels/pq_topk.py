@@ -11,15 +11,22 @@ both. Keys carry exclusions and ties (see ``recjpq.topk_keys``), so stage 2 is a
 import triton
 import triton.language as tl
 
-from recjpq.kernels.pq_lookup import (INTERPRETED, empty_key, merge_tile, program_items, score_tile, store_best,
-                                     tile_items)
+from recjpq.kernels.pq_lookup import (INTERPRETED, MAX_REGISTERS, empty_key, merge_tile, program_items, score_tile,
+                                     store_best, tile_items)
 
 _CONFIGS = [triton.Config({"BLOCK_N": 64, "QB": 2})] if INTERPRETED else [
-    # few configs: each one compiles in seconds on the host, once per autotuning key
-    triton.Config({"BLOCK_N": 1024, "QB": 1}, num_warps=4),
-    triton.Config({"BLOCK_N": 2048, "QB": 1}, num_warps=8),
-    triton.Config({"BLOCK_N": 1024, "QB": 4}, num_warps=8),
+    # few configs: each one compiles in seconds on the host, once per autotuning key. With more
+    # than 4 items of a tile per thread, QB = 1 configs spilled under Triton 3.6 (compile matrix).
+    triton.Config({"BLOCK_N": 512, "QB": 1}, num_warps=4, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 1024, "QB": 1}, num_warps=8, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 1024, "QB": 4}, num_warps=8, maxnreg=MAX_REGISTERS),
 ]
+
+
+def key_slots(k: int) -> int:
+    """``KT``, the keys each program keeps: a power of two >= k, and >= 2 (Triton's bitonic merge
+    does not compile for one key, so k = 1 keeps two)."""
+    return max(2, triton.next_power_of_2(k))
 
 
 @triton.constexpr_function
@@ -29,17 +36,20 @@ def tile_size(block_n, kt):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop query groups wider than the batch, and wide groups when the key buffers are large."""
+    """Drop query groups wider than the batch, wide groups when the tile or the kept keys are large
+    (QB = 4 at KT = 1024 spilled on sm_90 under Triton 3.9), and configs where a thread would hold
+    more than 4 items of a tile (KT > BLOCK_N widens the tile)."""
     args = {**named_args, **kwargs}
     batch, kt = args["B_BUCKET"], args["KT"]
-    kept = [c for c in configs
-            if c.kwargs["QB"] <= batch and c.kwargs["QB"] * tile_size(c.kwargs["BLOCK_N"], kt) <= 4096]
-    return kept or configs[:1]
+    fits = [c for c in configs if tile_size(c.kwargs["BLOCK_N"], kt) <= 4 * 32 * c.num_warps]
+    kept = [c for c in fits if c.kwargs["QB"] <= batch and c.kwargs["QB"] * kt <= 2048
+            and c.kwargs["QB"] * tile_size(c.kwargs["BLOCK_N"], kt) <= 4096]
+    return kept or fits[:1] or configs[:1]
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "K", "B_BUCKET", "KT"], prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def pq_topk_kernel(S, codes_t, exclude_sorted, cand, B, N, E, num_splits, B_BUCKET,
+@triton.jit(do_not_specialize=["B", "N", "E", "num_splits", "B_BUCKET"])
+def pq_topk_kernel(S, codes_t, stride, exclude_sorted, cand, B, N, E, num_splits, B_BUCKET,
                    M: tl.constexpr, K: tl.constexpr, KT: tl.constexpr, EXCLUDE_STEPS: tl.constexpr,
                    BLOCK_N: tl.constexpr, QB: tl.constexpr):
     TILE: tl.constexpr = tile_size(BLOCK_N, KT)
@@ -47,6 +57,6 @@ def pq_topk_kernel(S, codes_t, exclude_sorted, cand, B, N, E, num_splits, B_BUCK
     best = tl.full((QB, KT), empty_key(), tl.int64)  # descending
     for tile in range(first, last):
         start, items, item_ok = tile_items(tile, TILE, N)
-        scores = score_tile(S, codes_t, rows, row_ok, items, item_ok, N, M, K)
+        scores = score_tile(S, codes_t, stride, rows, row_ok, items, item_ok, M, K)
         best = merge_tile(best, scores, rows, row_ok, start, items, item_ok, exclude_sorted, E, KT, EXCLUDE_STEPS)
     store_best(cand, best, rows, row_ok, split, num_splits, KT)

@@ -7,6 +7,7 @@ run inside the op implementations, once per codes tensor where the result can be
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -71,11 +72,41 @@ def check_k_exclude(k, n: int, exclude, S) -> None:
             raise ValueError(f"exclude has {exclude.shape[0]} rows but S has B={S.shape[0]} queries")
 
 
+def device_checks_mode() -> str:
+    """``RECJPQ_DEVICE_CHECKS``: how ``check_values`` checks S and ``exclude`` on a GPU.
+
+    "async" (default): device-side assertions, no host synchronisation (a B = 1 top-k costs
+    about as much as the 1-3 syncs it saves, and syncs block CUDA graph capture); a bad value
+    fails as a device-side assert at the next sync, which leaves the CUDA context unusable.
+    "sync": the CPU behaviour, a ValueError before the launch. "off": no S / exclude data checks.
+    Either way the kernels stay memory-safe: they never use S or exclusion values as addresses.
+    Code ranges are checked once per codes tensor in every mode.
+    """
+    mode = os.environ.get("RECJPQ_DEVICE_CHECKS", "async")
+    if mode not in ("async", "sync", "off"):
+        raise ValueError(f"RECJPQ_DEVICE_CHECKS must be async, sync or off, got {mode!r}")
+    return mode
+
+
+def check_values_on_device(S, n: int, exclude=None) -> None:
+    """``check_values``'s S and exclusion checks as device-side assertions: no host sync."""
+    torch._assert_async(torch.isfinite(S).all(), "S contains non-finite values (nan or inf)")
+    if exclude is not None and exclude.numel():
+        torch._assert_async(((exclude >= -1) & (exclude < n)).all(), f"exclude ids must be in [-1, N={n})")
+
+
 def check_values(S, codes, exclude=None, *, finite: bool = False) -> None:
-    """Data checks; code ranges are checked once per codes tensor (see ``_codes_cache``).
-    ``finite=True``: the caller has proved S finite (the decoded-table path bounds |S|)."""
+    """Data checks; code ranges are checked once per codes tensor (see ``_codes_cache``). Off
+    the CPU, S and exclusions are checked as ``device_checks_mode`` says. ``finite=True``: the
+    caller has proved S finite (the decoded-table path bounds |S|)."""
     from recjpq._codes_cache import codes_info
 
+    mode = "sync" if S.device.type == "cpu" else device_checks_mode()
+    if mode != "sync":
+        codes_info(codes).check_range(S.shape[2])
+        if mode == "async":
+            check_values_on_device(S, codes.shape[0], exclude)
+        return
     # one reduction instead of a mask: a finite sum proves every entry finite; only an overflowing
     # (or non-finite) sum needs the elementwise test
     if not finite and not math.isfinite(float(S.detach().sum())) and not bool(torch.isfinite(S).all()):

@@ -47,7 +47,15 @@ def test_plan_respects_kernel_limits(batch, n, m, num_codes, k, limits):
     if k is None:
         assert p.buffer_len == 0
     else:  # a power of two that holds k kept keys plus one full tile
+        assert p.grid_x == 1 or p.grid_x * k <= n // 8  # the final merge stays well below N keys
         assert p.buffer_len & (p.buffer_len - 1) == 0 and p.buffer_len >= k + cuda.THREADS
+
+
+def test_candidates_stay_well_below_n_whatever_k():
+    n = 1_271_638
+    assert cuda.plan(1, n, 8, 256, H100, k=10).grid_x * 10 <= n // 8
+    large = cuda.plan(1, n, 8, 256, H100, k=1024)
+    assert large.grid_x >= H100.sm_count and large.grid_x * 1024 <= n // 8
 
 
 def test_plan_rejects_k_above_limit():
@@ -88,6 +96,25 @@ def test_unavailable_off_cuda_tensors():
 
 # --------------------------------------------------------------------------------------------
 # Candidate merging, exclusion rows and the selection algorithm, on CPU.
+
+def test_device_value_checks_assert_on_device(monkeypatch):
+    """The GPU path of check_values (RECJPQ_DEVICE_CHECKS=async) asserts on the device instead of
+    copying results to the host; on CPU tensors torch._assert_async raises at once."""
+    from recjpq._validate import check_values_on_device, device_checks_mode
+
+    S = torch.zeros(2, 3, 4)
+    check_values_on_device(S, 10, torch.tensor([[-1, 9], [0, 3]]))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        check_values_on_device(S.index_put((torch.tensor([1]),), torch.tensor(float("nan"))), 10)
+    for bad in (10, -2):
+        with pytest.raises(RuntimeError, match=r"exclude ids must be in \[-1, N=10\)"):
+            check_values_on_device(S, 10, torch.tensor([[0, bad], [1, 2]]))
+    monkeypatch.delenv("RECJPQ_DEVICE_CHECKS", raising=False)
+    assert device_checks_mode() == "async"
+    monkeypatch.setenv("RECJPQ_DEVICE_CHECKS", "never")
+    with pytest.raises(ValueError, match="RECJPQ_DEVICE_CHECKS"):
+        device_checks_mode()
+
 
 def test_sorted_exclusions():
     assert cuda.sorted_exclusions(None) is None
@@ -152,7 +179,7 @@ def test_emulated_selection_matches_reference(batch, n, m, k, integer, with_excl
         exclude = torch.randint(-1, n, (batch, 40), generator=g)
     limits = cuda.DeviceLimits(sm_count=3, smem_per_block=227 * 1024, smem_per_sm=228 * 1024)
     p = cuda.plan(batch, n, m, 16, limits, k)
-    assert p.grid_x > 1 or n <= cuda.THREADS
+    p = dataclasses.replace(p, grid_x=max(p.grid_x, 2))  # several CTAs even where the cap on candidates gives one
     values, indices = cuda.merge_candidates(_emulate_candidates(S, codes, k, exclude, p), k)
     ref_values, ref_indices = reference.pq_topk(S, codes, k, exclude)
     assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
@@ -178,6 +205,7 @@ class EmulatedKernels:
         self.lib.emulate_pq_topk_candidates.argtypes = [P, P, I, P, I64, I64, I, I, I64, I, I, I, I, P, P]
         self.lib.emulate_pq_scores.argtypes = [P, P, I, I64, I, I, I64, P, I, I]
         self.lib.emulate_warp_append.argtypes = [P, P, I, P]
+        self.lib.emulate_codes_vector_bytes.argtypes = [P, I, I]
 
     @staticmethod
     def _ptr(t):
@@ -201,6 +229,10 @@ class EmulatedKernels:
                                             S.shape[1], S.shape[2], codes.shape[0], self._ptr(out),
                                             p.query_group, p.grid_x)
         return status, out
+
+    def codes_vector_bytes(self, codes, offset_bytes=0):
+        return self.lib.emulate_codes_vector_bytes(ctypes.c_void_p(codes.data_ptr() + offset_bytes),
+                                                   codes.element_size(), codes.shape[1])
 
     def warp_append(self, keys, passing):
         """warp_append on one CTA, ``keys``/``passing`` of shape [rounds, THREADS]: (count, buffer)."""
@@ -235,6 +267,7 @@ def two_ctas(p: cuda.Plan) -> cuda.Plan:
 @pytest.mark.parametrize("batch,n,m,num_codes,k,dtype,integer", [
     (1, 3000, 3, 256, 7, torch.uint8, True),  # QB=1, scalar code loads, ties
     (5, 2049, 16, 256, 100, torch.uint8, False),  # QB=4 with a partial group, 16-byte loads
+    (3, 1500, 8, 256, 10, torch.uint8, True),  # the headline M = 8 uint8: 8-byte loads
     (2, 2600, 8, 1000, 300, torch.int16, True),  # int16 16-byte loads, k > one tile
     (2, 700, 5, 300, 700, torch.int32, False),  # k == N
     (1, 5000, 4, 16, 1024, torch.int32, True),  # the largest k (2048-key buffers)
@@ -341,8 +374,20 @@ def test_emulated_pq_topk_kernel_exclusions_of_whole_warps(emulated):
     _emulated_equals_reference(emulated, S, codes, n, exclude, grid_x=3)  # k = N
 
 
+def test_code_loads_are_as_wide_as_rows_and_alignment_allow(emulated):
+    """M = 8 uint8 codes (the headline shape) load 8 bytes at once, not one code at a time."""
+    codes = torch.zeros(64, 16, dtype=torch.uint8)  # 64-byte aligned
+    assert emulated.codes_vector_bytes(codes) == 16
+    assert emulated.codes_vector_bytes(codes, offset_bytes=8) == 8
+    assert emulated.codes_vector_bytes(codes[:, :8].contiguous()) == 8
+    assert emulated.codes_vector_bytes(codes[:, :3].contiguous()) == 0
+    assert emulated.codes_vector_bytes(torch.zeros(4, 4, dtype=torch.int16)) == 8
+    assert emulated.codes_vector_bytes(torch.zeros(4, 4, dtype=torch.int32)) == 16
+
+
 @pytest.mark.parametrize("batch,n,m,num_codes,dtype", [
     (1, 1, 1, 4, torch.uint8), (5, 1100, 16, 256, torch.uint8), (3, 700, 7, 300, torch.int16),
+    (2, 900, 8, 256, torch.uint8),
     (2, 600, 4, 5000, torch.int32),
 ])
 def test_emulated_pq_scores_kernel_matches_reference(emulated, batch, n, m, num_codes, dtype):

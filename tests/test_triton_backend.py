@@ -6,6 +6,7 @@ plus full-scale ones. The kernels add splits in the reference's order, so result
 bit-identical to it, even for random float S.
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,8 @@ def test_pq_scores_bit_identical_to_reference(shape, dtype):
 
 @pytest.mark.parametrize("batch,n,m,k_codes,k", [
     (3, 300, 3, 16, 1),
+    (2, 1, 3, 16, 1),        # N = 1: Triton would compile N as a constexpr if it specialised sizes
+    (1, 2, 1, 16, 2),
     (2, 257, 8, 256, 7),     # N not a multiple of any tile, k not a power of two
     (2, 130, 1, 16, 100),    # one split of 16 codes: every score is tied with many others
     (1, 200, 3, 16, 200),    # k == N
@@ -94,6 +97,66 @@ def test_pq_topk_above_fused_k_falls_back_exactly():
 
     S, codes = _problem(1, MAX_FUSED_K + 30, 2, 16, integer_scores=True)
     _assert_same(*_both(S, codes, MAX_FUSED_K + 5))
+
+
+def test_split_major_copy_is_padded_and_range_checked_on_the_copy():
+    from recjpq.backends.triton import _codes_split_major, codes_stride
+
+    assert [codes_stride(n) for n in (1, 16, 17, 1_271_638)] == [16, 16, 32, 1_271_648]
+    _, codes = _problem(1, 17, 3, 16, dtype=torch.int16)
+    copy = _codes_split_major(codes, 16)
+    assert copy.shape == (3, 32) and copy.stride(0) * copy.element_size() % 16 == 0
+    assert torch.equal(copy[:, :17], codes.t()) and not copy[:, 17:].any()
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, K=8\)"):
+        _codes_split_major(codes, 8)  # K smaller than the copy's largest code
+
+
+def test_stage_one_fills_an_h100_and_bounds_the_candidates():
+    """B = 1 at N = 1.27M: at least 4 programs per SM of an H100 (132 SMs); whatever k, stage 2
+    merges at most N / 8 keys per query."""
+    from recjpq.backends.triton import MAX_FUSED_K, num_splits
+    from recjpq.kernels.pq_topk import key_slots
+
+    n, programs = 1_271_638, 4 * 132
+    for batch in (1, 4, 16, 64):
+        assert num_splits(n, batch, programs, kt=16) * -(-batch // 4) >= programs
+    for k in (1, 2, 10, 100, 1000, MAX_FUSED_K):
+        for batch in (1, 64):
+            assert num_splits(n, batch, programs, kt=key_slots(k)) * key_slots(k) <= n // 8
+    assert key_slots(1) == 2 and key_slots(10) == 16 and num_splits(1, 1, programs, kt=2) == 1
+
+
+def test_deterministic_cross_entropy_backward_matches_the_atomic_one(monkeypatch):
+    """Under torch.use_deterministic_algorithms the backward sums per-program slices in a fixed
+    order (no float atomics); it must agree with the atomic kernel and repeat bit for bit."""
+    from recjpq.kernels import pq_cross_entropy
+
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("the atomic backward kernel ran in deterministic mode")
+
+    triton_backend = get("triton")
+    S, codes = _problem(3, 45, 3, 20, seed=4)  # K = 20: a partial code block
+    scale = 0.7
+    lse = triton_backend.pq_cross_entropy_forward(S, codes, scale)
+    grad_lse = torch.tensor([1.0, -0.5, 2.0], device=DEVICE)
+    atomic = triton_backend.pq_cross_entropy_backward(S, codes, lse, grad_lse, scale)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    monkeypatch.setattr(pq_cross_entropy, "pq_logsumexp_backward_kernel", NotLaunched())
+    try:
+        first = triton_backend.pq_cross_entropy_backward(S, codes, lse, grad_lse, scale)
+        second = triton_backend.pq_cross_entropy_backward(S, codes, lse, grad_lse, scale)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, atomic, rtol=1e-5, atol=1e-7)
+    scores = ops.pq_scores(S, codes, backend="reference") * scale
+    want = torch.zeros_like(S)  # d lse / dS[b, m, codes[i, m]] += softmax(scores)[b, i] * scale
+    probs = torch.softmax(scores, dim=1) * (grad_lse * scale)[:, None]
+    for m in range(S.shape[1]):
+        want[:, m].index_add_(1, codes[:, m].long(), probs)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-7)
 
 
 def test_codes_edited_in_place_are_rescored():
@@ -144,32 +207,29 @@ def test_full_scale_allocates_no_batch_by_items_buffer():
     assert torch.cuda.max_memory_allocated() - base < batch * n * 4 // 16
 
 
-_COMPILE_FOR_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from recjpq.kernels.pq_scores import pq_scores_kernel
-from recjpq.kernels.pq_topk import pq_topk_kernel
+def _compile_check(*args, timeout=900):
+    """python -m recjpq.kernels.compile_check in a fresh process: the kernels must be decorated
+    for compiling, not for this process's interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-W", "ignore", "-m", "recjpq.kernels.compile_check", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
-def build(kernel, signature, constexprs):
-    config = kernel.configs[-1]
-    source = ASTSource(fn=kernel.fn, signature=signature, constexprs={**constexprs, **config.kwargs})
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
 
-build(pq_topk_kernel, {"S": "*fp32", "codes_t": "*u8", "exclude_sorted": "*i64", "cand": "*i64", "B": "i32",
-                       "N": "i32", "E": "i32", "num_splits": "i32", "B_BUCKET": "i32", "M": "constexpr",
-                       "K": "constexpr", "KT": "constexpr", "EXCLUDE_STEPS": "constexpr", "BLOCK_N": "constexpr",
-                       "QB": "constexpr"}, {"M": 3, "K": 256, "KT": 16, "EXCLUDE_STEPS": 3})
-build(pq_scores_kernel, {"S": "*fp32", "codes_t": "*i16", "out": "*fp32", "B": "i32", "N": "i32", "B_BUCKET": "i32",
-                         "M": "constexpr", "K": "constexpr", "BLOCK_N": "constexpr", "QB": "constexpr"},
-      {"M": 3, "K": 300})
-"""
+def test_compile_matrix_plans_k1_n1_and_every_kernel():
+    """The matrix (scripts/compile_matrix.sh in CI) compiles k = 1 and N = 1, which the
+    interpreter runs but the compiler rejected, and every kernel of both backends."""
+    result = _compile_check("--arch", "90", "--sample", "--list")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    topk_k1 = [r for r in rows if r.startswith("| pq_topk |") and re.search(r"k=1[ ,]", r)]
+    assert topk_k1 and all(re.search(r"N=1[ ,]", r) for r in topk_k1), rows
+    for kernel in ("pq_scores", "pq_topk", "pq_logsumexp", "pq_logsumexp_backward", "decode_threshold",
+                   "decode_candidates"):
+        assert any(r.startswith(f"| {kernel} |") for r in rows), kernel
 
 
 @pytest.mark.skipif(os.environ.get("RECJPQ_COMPILE_CHECK") != "1",
-                    reason="set RECJPQ_COMPILE_CHECK=1 to compile the kernels for sm_90 (about a minute, no GPU needed)")
-def test_kernels_compile_for_sm90():
-    """The interpreter accepts code the compiler rejects: compile for Hopper, with no device needed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+                    reason="set RECJPQ_COMPILE_CHECK=1 to compile k = 1, N = 1 for sm_90 (minutes on 2 cores, no GPU)")
+def test_k1_and_n1_compile_for_sm90_without_spills():
+    result = _compile_check("--arch", "90", "--sample", "--no-cuda", "--only", "pq_topk [BLOCK_N=1024 QB=1 w=4 KT=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

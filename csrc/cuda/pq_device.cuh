@@ -51,33 +51,44 @@ __device__ inline void load_tables(float* s_tables, const float* S, int64_t b0, 
   }
 }
 
+// Adds the S rows of an item's codes, loaded LoadT (8 or 16 bytes) at a time: `row` is aligned
+// to sizeof(LoadT) and M codes fill whole loads.
+template <typename LoadT, typename CodeT, int QB>
+__device__ __forceinline__ void add_vector_rows(const float* s_tables, int table, int K, int M, int qn,
+                                                const CodeT* row, float (&acc)[QB]) {
+  constexpr int kPerLoad = sizeof(LoadT) / sizeof(CodeT);
+  union Chunk {
+    LoadT raw;
+    CodeT code[kPerLoad];
+  };
+  const LoadT* rows = reinterpret_cast<const LoadT*>(row);
+  const int loads = M / kPerLoad;
+  for (int c = 0; c < loads; ++c) {
+    Chunk chunk;
+    chunk.raw = __ldg(rows + c);
+#pragma unroll
+    for (int j = 0; j < kPerLoad; ++j) {
+      const int offset = (c * kPerLoad + j) * K + static_cast<int>(chunk.code[j]);
+#pragma unroll
+      for (int q = 0; q < QB; ++q)
+        if (q < qn) acc[q] += s_tables[q * table + offset];
+    }
+  }
+}
+
 // Adds S[q, m, row[m]] for m = 0..M-1, in that order, into acc[q] for the first qn queries: the
-// reference's float32 summation order, so scores match it bit for bit. With vec16 (row bytes a
-// multiple of 16 and aligned) the codes arrive in 16-byte loads.
+// reference's float32 summation order, so scores match it bit for bit. vector_bytes (16, 8 or 0,
+// from codes_vector_bytes) picks 16- or 8-byte code loads (M = 8 uint8 codes: one 8-byte load),
+// else one load per code.
 template <typename CodeT, int QB>
 __device__ __forceinline__ void score_item(const float* s_tables, int table, int K, int M, int qn,
-                                           const CodeT* row, bool vec16, float (&acc)[QB]) {
+                                           const CodeT* row, int vector_bytes, float (&acc)[QB]) {
 #pragma unroll
   for (int q = 0; q < QB; ++q) acc[q] = 0.0f;
-  if (vec16) {
-    constexpr int kPerLoad = 16 / sizeof(CodeT);
-    union Chunk {
-      uint4 raw;
-      CodeT code[kPerLoad];
-    };
-    const uint4* row16 = reinterpret_cast<const uint4*>(row);
-    const int loads = M / kPerLoad;
-    for (int c = 0; c < loads; ++c) {
-      Chunk chunk;
-      chunk.raw = __ldg(row16 + c);
-#pragma unroll
-      for (int j = 0; j < kPerLoad; ++j) {
-        const int offset = (c * kPerLoad + j) * K + static_cast<int>(chunk.code[j]);
-#pragma unroll
-        for (int q = 0; q < QB; ++q)
-          if (q < qn) acc[q] += s_tables[q * table + offset];
-      }
-    }
+  if (vector_bytes == 16) {
+    add_vector_rows<uint4, CodeT, QB>(s_tables, table, K, M, qn, row, acc);
+  } else if (vector_bytes == 8) {
+    add_vector_rows<uint2, CodeT, QB>(s_tables, table, K, M, qn, row, acc);
   } else {
     for (int m = 0; m < M; ++m) {
       const int offset = m * K + static_cast<int>(__ldg(row + m));

@@ -8,9 +8,15 @@
 
 namespace recjpq_cuda {
 
+// The widest code load (16 or 8 bytes, else 0 for one code at a time) that every item's row of
+// M codes splits into with aligned loads.
 template <typename CodeT>
-inline bool codes_vec16(const void* codes, int M) {
-  return (M * sizeof(CodeT)) % 16 == 0 && (reinterpret_cast<uintptr_t>(codes) & 15) == 0;
+inline int codes_vector_bytes(const void* codes, int M) {
+  const size_t row = M * sizeof(CodeT);
+  const uintptr_t address = reinterpret_cast<uintptr_t>(codes);
+  for (int bytes : {16, 8})
+    if (row % bytes == 0 && address % bytes == 0) return bytes;
+  return 0;
 }
 
 // Checks shared by both launchers; the dynamic shared memory is checked against the device's

@@ -14,7 +14,7 @@ cudaError_t launch(const float* S, const void* codes, int64_t B, int M, int K, i
   if (err != cudaSuccess) return err;
   const dim3 grid(grid_x, static_cast<unsigned>((B + QB - 1) / QB));
   kernel<<<grid, kThreads, smem, stream>>>(S, static_cast<const CodeT*>(codes), B, M, K, N,
-                                           codes_vec16<CodeT>(codes, M), out);
+                                           codes_vector_bytes<CodeT>(codes, M), out);
   return cudaGetLastError();
 }
 

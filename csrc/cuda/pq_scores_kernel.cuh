@@ -10,7 +10,7 @@ namespace recjpq_cuda {
 template <typename CodeT, int QB>
 __global__ void __launch_bounds__(kThreads)
     pq_scores_kernel(const float* __restrict__ S, const CodeT* __restrict__ codes, int64_t B, int M, int K,
-                     int64_t N, bool vec16, float* __restrict__ out) {
+                     int64_t N, int vector_bytes, float* __restrict__ out) {
   float* s_tables = reinterpret_cast<float*>(dynamic_smem());
   const int table = M * K;
   const int64_t b0 = int64_t(blockIdx.y) * QB;
@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < N; i += int64_t(gridDim.x) * kThreads) {
     float acc[QB];
-    score_item<CodeT, QB>(s_tables, table, K, M, qn, codes + i * M, vec16, acc);
+    score_item<CodeT, QB>(s_tables, table, K, M, qn, codes + i * M, vector_bytes, acc);
 #pragma unroll
     for (int q = 0; q < QB; ++q)
       if (q < qn) out[(b0 + q) * N + i] = acc[q];

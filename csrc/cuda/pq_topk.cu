@@ -15,7 +15,7 @@ cudaError_t launch(const float* S, const void* codes, const int64_t* exclude, in
   if (err != cudaSuccess) return err;
   const dim3 grid(grid_x, static_cast<unsigned>((B + QB - 1) / QB));
   kernel<<<grid, kThreads, smem, stream>>>(S, static_cast<const CodeT*>(codes), exclude, E, B, M, K, N, k, len,
-                                           codes_vec16<CodeT>(codes, M), thresholds, candidates);
+                                           codes_vector_bytes<CodeT>(codes, M), thresholds, candidates);
   return cudaGetLastError();
 }
 

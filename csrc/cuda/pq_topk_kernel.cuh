@@ -5,11 +5,12 @@
 // a candidate buffer of `buffer_len` packed keys (score high, reversed item index low).
 //
 // Selection is a threshold filter: an item enters a query's buffer only if its key beats the
-// query's threshold, a key known to be no better than the k-th best of the query. Each warp
-// filters its 32 items and appends the passing keys with one shared-memory atomicAdd
-// (warp_append). When a buffer could overflow on the next tile, the CTA sorts it, keeps its best
+// query's threshold, a key known to be no better than the k-th best of the query; only items that
+// pass it are looked up in the exclusions. Each warp filters its 32 items and appends the passing
+// keys with one shared-memory atomicAdd (warp_append). When a buffer could overflow on the next tile, the CTA sorts it, keeps its best
 // k, and raises the threshold to its k-th key; it also publishes that key to `thresholds[b]` with
-// atomicMax, and every CTA of the group reads it back before each tile. Any CTA's k-th key is a
+// atomicMax, and every CTA of the group reads it back before each tile (a relaxed device-scope
+// load: any value it returns is some CTA's k-th key, so a stale one only filters less). Any CTA's k-th key is a
 // valid bound: k of its own items score at least that much, so no item below it can be in the
 // query's top k.
 //
@@ -33,6 +34,19 @@ __device__ __forceinline__ long long pack_key(float score, int64_t item) {
   const unsigned ordered = static_cast<unsigned>(bits >= 0 ? bits : bits ^ 0x7FFFFFFF);
   const unsigned long long low = 0xFFFFFFFFull - static_cast<unsigned long long>(item);
   return static_cast<long long>((static_cast<unsigned long long>(ordered) << 32) | low);
+}
+
+// The published threshold of a query: a relaxed load at device scope (no ordering is needed, see
+// above), which, unlike a volatile load, is neither system-scope nor strong.
+__device__ __forceinline__ long long load_threshold(const int64_t* threshold) {
+#ifdef RECJPQ_HOST_EMULATION
+  return std::atomic_ref<long long>(*reinterpret_cast<long long*>(const_cast<int64_t*>(threshold)))
+      .load(std::memory_order_relaxed);
+#else
+  long long value;
+  asm volatile("ld.relaxed.gpu.global.s64 %0, [%1];" : "=l"(value) : "l"(threshold));
+  return value;
+#endif
 }
 
 // Binary search of a sorted exclusion row (-1 entries sort first and match no item).
@@ -100,8 +114,8 @@ __device__ inline void shrink_to_k(long long* keys, int count, int len, int k, i
 template <typename CodeT, int QB>
 __global__ void __launch_bounds__(kThreads)
     pq_topk_kernel(const float* __restrict__ S, const CodeT* __restrict__ codes, const int64_t* __restrict__ exclude,
-                   int64_t E, int64_t B, int M, int K, int64_t N, int k, int len, bool vec16, int64_t* thresholds,
-                   int64_t* __restrict__ candidates) {
+                   int64_t E, int64_t B, int M, int K, int64_t N, int k, int len, int vector_bytes,
+                   int64_t* thresholds, int64_t* __restrict__ candidates) {
   float* s_tables = reinterpret_cast<float*>(dynamic_smem());
   long long* s_keys = reinterpret_cast<long long*>(dynamic_smem() + tables_bytes(M, K, QB));
   __shared__ int s_count[QB];
@@ -119,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t tiles = (N + kThreads - 1) / kThreads;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     if (static_cast<int>(threadIdx.x) < qn) {
-      const long long global = *reinterpret_cast<volatile long long*>(thresholds + b0 + threadIdx.x);
+      const long long global = load_threshold(thresholds + b0 + threadIdx.x);
       if (global > s_threshold[threadIdx.x]) s_threshold[threadIdx.x] = global;
     }
     __syncthreads();
@@ -128,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t item = tile * kThreads + threadIdx.x;
     const bool in_range = item < N;
     float acc[QB] = {};
-    if (in_range) score_item<CodeT, QB>(s_tables, table, K, M, qn, codes + item * M, vec16, acc);
+    if (in_range) score_item<CodeT, QB>(s_tables, table, K, M, qn, codes + item * M, vector_bytes, acc);
 #pragma unroll
     for (int q = 0; q < QB; ++q) {
       if (q >= qn) continue;  // the same for the whole CTA

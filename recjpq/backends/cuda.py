@@ -27,6 +27,9 @@ MAX_ITEMS = (1 << 32) - 1  # packed keys hold 2^32 - 1 - item in 32 bits
 _STATIC_SMEM_RESERVE = 1024  # the kernels' static shared memory (counters, thresholds), rounded up
 _TARGET_CTAS_PER_SM = 2  # at least two resident CTAs per SM hide the shared-memory latency
 _MAX_THREADS_PER_SM = 2048
+# Each CTA hands k candidates per query to the final torch.topk: at most N / 8 of them in all,
+# whatever k (k = 1024 at N = 1.27M: 155 CTAs, 1.3 MB of keys instead of 1,056 CTAs and 8.6 MB).
+_ITEMS_PER_CANDIDATE = 8
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc", "cuda")
 
@@ -73,7 +76,8 @@ def plan(batch: int, n: int, m: int, num_codes: int, limits: DeviceLimits, k: in
     """Launch shape of pq_topk (``k`` given) or pq_scores; ValueError if the problem does not fit.
 
     The query group is the largest that keeps ``_TARGET_CTAS_PER_SM`` CTAs resident (else the
-    largest that fits at all) and is no larger than the batch needs; the grid fills the GPU.
+    largest that fits at all) and is no larger than the batch needs; the grid fills the GPU, but
+    for top-k hands at most N / 8 candidate keys per query to the final merge.
     """
     if k is not None and k > MAX_K:
         raise ValueError(f"k must be <= {MAX_K} for the cuda backend, got k={k}; use backend='triton' or 'reference'")
@@ -100,6 +104,8 @@ def plan(batch: int, n: int, m: int, num_codes: int, limits: DeviceLimits, k: in
         raise ValueError(f"S must have B <= {MAX_QUERY_GROUPS * qb} queries for the cuda backend at this shape, "
                          f"got B={batch}")
     grid_x = _grid_x(groups, limits.sm_count * max(1, per_sm(qb)), -(-n // THREADS))
+    if k is not None:
+        grid_x = max(1, min(grid_x, n // (_ITEMS_PER_CANDIDATE * k)))
     return Plan(qb, length, grid_x, smem_bytes(m, num_codes, qb, length))
 
 

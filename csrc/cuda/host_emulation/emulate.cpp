@@ -180,14 +180,14 @@ void topk(const float* S, const void* codes, const int64_t* exclude, int64_t E, 
   const dim3 grid(grid_x, static_cast<unsigned>((B + QB - 1) / QB));
   run_grid(grid, recjpq_cuda::topk_smem_bytes(M, K, QB, len), recjpq_cuda::pq_topk_kernel<CodeT, QB>, S,
            static_cast<const CodeT*>(codes), exclude, E, B, M, K, N, k, len,
-           recjpq_cuda::codes_vec16<CodeT>(codes, M), thresholds, candidates);
+           recjpq_cuda::codes_vector_bytes<CodeT>(codes, M), thresholds, candidates);
 }
 
 template <typename CodeT, int QB>
 void scores(const float* S, const void* codes, int64_t B, int M, int K, int64_t N, float* out, int grid_x) {
   const dim3 grid(grid_x, static_cast<unsigned>((B + QB - 1) / QB));
   run_grid(grid, recjpq_cuda::tables_bytes(M, K, QB), recjpq_cuda::pq_scores_kernel<CodeT, QB>, S,
-           static_cast<const CodeT*>(codes), B, M, K, N, recjpq_cuda::codes_vec16<CodeT>(codes, M), out);
+           static_cast<const CodeT*>(codes), B, M, K, N, recjpq_cuda::codes_vector_bytes<CodeT>(codes, M), out);
 }
 
 // Calls f.template operator()<CodeT, QB>() for the runtime code width and query group.
@@ -229,6 +229,16 @@ extern "C" int emulate_pq_scores(const float* S, const void* codes, int code_byt
   return dispatch(code_bytes, query_group, [&]<typename CodeT, int QB>() {
            scores<CodeT, QB>(S, codes, B, M, K, N, out, grid_x);
          }) ? 0 : 1;
+}
+
+// The code load width the launchers pass for this codes pointer (16, 8 or 0 bytes), or -1.
+extern "C" int emulate_codes_vector_bytes(const void* codes, int code_bytes, int M) {
+  switch (code_bytes) {
+    case 1: return recjpq_cuda::codes_vector_bytes<uint8_t>(codes, M);
+    case 2: return recjpq_cuda::codes_vector_bytes<int16_t>(codes, M);
+    case 4: return recjpq_cuda::codes_vector_bytes<int32_t>(codes, M);
+    default: return -1;
+  }
 }
 
 // warp_append (pq_topk_kernel.cuh) alone, on one CTA: in round r, thread t appends keys[r * 256 + t]
