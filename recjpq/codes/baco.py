@@ -463,18 +463,25 @@ class _TwoHop:
         hist = torch.zeros(self.users.num_nodes * k, dtype=torch.float64, device=codes.device)
         return hist.index_add_(0, self.users.src * k + codes[self.users.dst], self.user_value).view(-1, k)
 
-    def rows(self, hist: torch.Tensor, codes: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """``S[start:stop]``, dense ``[stop - start, k]`` float64."""
+    def rows(self, hist: torch.Tensor, codes: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``S[idx]`` (``idx`` sorted), dense ``[len(idx), k]`` float64."""
         items = self.items
-        e0, e1 = int(items.indptr[start]), int(items.indptr[stop])
+        begin = items.indptr[idx]
+        degree = items.indptr[idx + 1] - begin
+        crow = torch.cat([degree.new_zeros(1), degree.cumsum(0)])
+        pos = torch.arange(int(crow[-1]), device=idx.device) + (begin - crow[:-1]).repeat_interleave(degree)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is all we use
             warnings.simplefilter("ignore", UserWarning)
-            mat = torch.sparse_csr_tensor(items.indptr[start:stop + 1] - e0, items.dst[e0:e1],
-                                          items.wt[e0:e1].double(), (stop - start, self.users.num_nodes),
-                                          check_invariants=False)
+            mat = torch.sparse_csr_tensor(crow, items.dst[pos], items.wt[pos].double(),
+                                          (idx.numel(), self.users.num_nodes), check_invariants=False)
         out = torch.sparse.mm(mat, hist)
-        out[torch.arange(stop - start, device=codes.device), codes[start:stop]] -= self.self_weight[start:stop]
+        out[torch.arange(idx.numel(), device=idx.device), codes[idx]] -= self.self_weight[idx]
         return out
+
+    def inside(self, hist: torch.Tensor, codes: torch.Tensor) -> float:
+        """``sum_i S[i, codes[i]]``: co-occurrence weight inside codes (exact: grid values)."""
+        users = self.users
+        return _total(users.wt.double() * hist[users.src, codes[users.dst]]) - _total(self.self_weight)
 
 
 def _refine_split(two_hop: _TwoHop, codes, k: int, *, resolution, slack, min_room, sweeps, tolerance, fraction,
@@ -502,30 +509,30 @@ def _refine_split(two_hop: _TwoHop, codes, k: int, *, resolution, slack, min_roo
         start_time = time.perf_counter()
         hist = two_hop.histograms(codes, k)
         volume = torch.zeros(k, dtype=torch.float64, device=codes.device).index_add_(0, codes, strength)
-        best, gain = torch.empty_like(codes), torch.empty(n, dtype=torch.float64, device=codes.device)
-        inside = 0.0
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            score, mine = two_hop.rows(hist, codes, start, stop), codes[start:stop, None]
-            inside += _total(score.gather(1, mine).squeeze(1))
-            own = gamma * strength[start:stop, None]
-            score -= own * volume[None, :]
-            score.scatter_add_(1, mine, own * strength[start:stop, None])  # an item does not compete with itself
-            pick = score.argmax(1, keepdim=True)  # first maximum: ties go to the lower label
-            best[start:stop] = pick.squeeze(1)
-            gain[start:stop] = (score.gather(1, pick) - score.gather(1, mine)).squeeze(1)
         counts = torch.bincount(codes, minlength=k).double()
-        intra = inside / total
+        intra = two_hop.inside(hist, codes) / total
         objective = {"intra": round(intra, 6),
                      "modularity": round(intra - resolution * _total(volume.square()) / total ** 2, 6),
                      "balance": round(k * _total(counts.square()) / (n * n), 6)}
         before = before or objective
         if done or ran == sweeps:
             return ran, before, objective
-        draw = torch.rand(n, generator=generator).to(codes.device)
-        movers = ((best != codes) & (gain > 1e-12 * total) & (draw < fraction)).nonzero().squeeze(1)
-        ok = _accept(codes[movers], best[movers], gain[movers], torch.ones_like(gain[movers]), counts, lo, hi, k)
-        codes[movers[ok]] = best[movers[ok]]
+        # only the items drawn to move this sweep are scored
+        drawn = (torch.rand(n, generator=generator).to(codes.device) < fraction).nonzero().squeeze(1)
+        best, gain = torch.empty_like(drawn), torch.empty(drawn.numel(), dtype=torch.float64, device=codes.device)
+        for start in range(0, drawn.numel(), rows):
+            idx = drawn[start:start + rows]
+            score, mine = two_hop.rows(hist, codes, idx), codes[idx, None]
+            own = gamma * strength[idx, None]
+            score -= own * volume[None, :]
+            score.scatter_add_(1, mine, own * strength[idx, None])  # an item does not compete with itself
+            pick = score.argmax(1, keepdim=True)  # first maximum: ties go to the lower label
+            best[start:start + rows] = pick.squeeze(1)
+            gain[start:start + rows] = (score.gather(1, pick) - score.gather(1, mine)).squeeze(1)
+        improving = (best != codes[drawn]) & (gain > 1e-12 * total)
+        movers, best, gain = drawn[improving], best[improving], gain[improving]
+        ok = _accept(codes[movers], best, gain, torch.ones_like(gain), counts, lo, hi, k)
+        codes[movers[ok]] = best[ok]
         moved, ran = int(ok.sum()), ran + 1
         if report is not None:
             report({"stage": stage, "sweep": ran, "items_moved": moved, "improving": int(movers.numel()),
