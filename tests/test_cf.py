@@ -143,6 +143,7 @@ def test_fit_resumes_from_checkpoint_and_stops_at_time_limit(tmp_path):
     limited = fit(CFConfig(dim=8, epochs=50, batch_size=64, eval_every=10, time_limit=0.0), data,
                   str(tmp_path / "limited"), progress=False, log=None)
     assert limited["stopped"] == "time limit" and limited["epochs_run"] == 1 and len(limited["history"]) == 1
+    assert limited["history"][0]["steps"] == 1  # the limit also ends an epoch early
 
 
 @pytest.mark.parametrize("kwargs,match", [({"model": "gru"}, "model"), ({"embedding": "pq"}, "embedding"),
