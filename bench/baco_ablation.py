@@ -79,8 +79,8 @@ def proxy_recall(codes: torch.Tensor, train: sp.csr_matrix, test: sp.csr_matrix,
     recall = np.empty(users.size)
     for start in range(0, users.size, chunk):
         rows = users[start:start + chunk]
-        hist = train[rows] @ onehot  # [rows, m * K] code counts
-        scores = torch.from_numpy(np.asarray((hist @ onehot.T).todense(), dtype=np.float32)) + jitter
+        hist = (train[rows] @ onehot).toarray()  # [rows, m * K] code counts
+        scores = torch.from_numpy(np.ascontiguousarray((onehot @ hist.T).T, dtype=np.float32)) + jitter
         seen = train[rows].tocoo()
         scores[torch.from_numpy(seen.row).long(), torch.from_numpy(seen.col).long()] = -torch.inf
         top = scores.topk(k, dim=1).indices.numpy().copy()
