@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.assign_codes_scale import log_parser, power_law_log  # noqa: E402
 from bench.peers import machine  # noqa: E402
-from recjpq.codes import assign_codes, co_cluster  # noqa: E402
+from recjpq.codes import co_cluster  # noqa: E402
+from recjpq.codes.baco import item_codes  # noqa: E402
 
 
 def _peak_rss_mb() -> float:
@@ -42,6 +43,8 @@ def _load_average() -> list[float]:
 
 def main(argv=None):
     p = log_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--refined-splits", type=int, default=None, help="item_codes refined_splits (default: half)")
+    p.add_argument("--sweeps", type=int, default=10, help="item_codes sweeps per refined split")
     p.add_argument("--co-cluster", type=int, default=0, metavar="K",
                    help="also time co_cluster with K clusters and K secondary user clusters")
     args = p.parse_args(argv)
@@ -49,12 +52,16 @@ def main(argv=None):
     rss_before = _peak_rss_mb()
     load_before = _load_average()
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    codes = assign_codes(log, args.items, args.splits, strategy="baco")
+    splits = []  # per refined split: sweeps, items changed, objective before/after, and when it ended
+    codes = item_codes(log, args.items, args.splits, seed=0, refined_splits=args.refined_splits, sweeps=args.sweeps,
+                       progress=lambda r: splits.append({**r, "at_seconds": round(time.perf_counter() - t0, 1)})
+                       if "items_changed" in r else None)
     seconds, cpu_seconds = time.perf_counter() - t0, _cpu_seconds() - cpu0
     counts = np.stack([np.bincount(codes[:, m].numpy(), minlength=256) for m in range(args.splits)])
     unique = np.unique(codes.numpy(), axis=0).shape[0] / args.items
     result = {"items": args.items, "users": args.users, "interactions": args.interactions,
-              "splits": args.splits, "strategy": "baco", "seconds": round(seconds, 2),
+              "splits": args.splits, "strategy": "baco", "refined_splits": args.refined_splits,
+              "sweeps": args.sweeps, "seconds": round(seconds, 2), "refinement": splits,
               "cpu_seconds": round(cpu_seconds, 2), "peak_rss_mb": round(_peak_rss_mb()),
               "rss_after_log_mb": round(rss_before),
               "code_count_min": int(counts.min()), "code_count_max": int(counts.max()),
@@ -70,7 +77,8 @@ def main(argv=None):
                                 "item_clusters_used": int(torch.unique(cc.item_clusters).numel())}
     print(json.dumps(result, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"baco_scale_{args.items}.json").write_text(json.dumps(result, indent=1))
+    tag = "" if args.refined_splits is None else f"_refined{args.refined_splits}"
+    (args.out / f"baco_scale_{args.items}{tag}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

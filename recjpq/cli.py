@@ -124,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, help="output directory")
     conv.add_argument("--no-progress", action="store_true")
 
+    _add_train_cf_parser(sub)
+
     from recjpq.data import FORMATS
 
     demo = sub.add_parser("demo", help="dense vs RecJPQ SASRec: quality-vs-memory frontier and top-k latency "
@@ -135,6 +137,46 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="where demo.png, demo.md and demo.json go")
     demo.add_argument("--quick", action="store_true", help="a tiny run (seconds), for smoke tests")
     return parser
+
+
+def _add_train_cf_parser(sub) -> None:
+    from recjpq.cf.train import EMBEDDINGS, MODELS, CFConfig
+
+    d = CFConfig()
+    cf = sub.add_parser("train-cf", help="MF-BPR / LightGCN on a LightGCN-style train.txt/test.txt split; "
+                                         "full-ranking Recall@20 / NDCG@20; writes metrics.json")
+    cf.add_argument("--data", required=True, help="folder with train.txt and test.txt ('user item item ...', 0-based)")
+    cf.add_argument("--model", default=d.model, choices=MODELS)
+    cf.add_argument("--embedding", default=d.embedding, choices=EMBEDDINGS,
+                    help="full tables, BACO-shared rows, hashed rows, or low-rank (smaller dim) at --budget")
+    cf.add_argument("--budget", type=float, default=d.budget, help="embedding params / those of the full model")
+    cf.add_argument("--tables", type=_positive_int, default=d.tables, help="baco/hash: ids (tables) per entity")
+    cf.add_argument("--dim", type=_positive_int, default=d.dim)
+    cf.add_argument("--layers", type=int, default=d.layers, help="LightGCN propagation layers")
+    cf.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    cf.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    cf.add_argument("--lr", type=float, default=d.lr)
+    cf.add_argument("--l2", type=float, default=d.l2, help="L2 on the batch's ego embeddings (LightGCN's reg)")
+    cf.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
+    cf.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
+    cf.add_argument("--seed", type=int, default=d.seed)
+    cf.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    cf.add_argument("--out", required=True, help="output directory (checkpoint.pt, best.pt, metrics.json)")
+    cf.add_argument("--no-progress", action="store_true", help="no progress bars (evaluation lines only)")
+
+
+def _train_cf(args) -> None:
+    from recjpq.cf import CFConfig, fit, load_cf
+
+    config = CFConfig(model=args.model, embedding=args.embedding, budget=args.budget, tables=args.tables,
+                      dim=args.dim, layers=args.layers, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      l2=args.l2, eval_every=args.eval_every, time_limit=args.time_limit, seed=args.seed)
+    data = load_cf(args.data)
+    print(f"{args.data}: {data.num_users} users, {data.num_items} items, {data.train_users.size} train pairs, "
+          f"{data.test.nnz} test pairs", file=sys.stderr)
+    summary = fit(config, data, args.out, progress=not args.no_progress, resume=args.resume,
+                  log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps({k: summary[k] for k in ("best", "embedding_params", "params_vs_full", "epochs_run", "stopped")}))
 
 
 def _train(args) -> None:
@@ -272,7 +314,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"recjpq demo: error: {e}") from None
         return
     try:
-        {"train": _train, "evaluate": _evaluate, "recommend": _recommend, "serve": _serve,
+        {"train": _train, "train-cf": _train_cf, "evaluate": _evaluate, "recommend": _recommend, "serve": _serve,
          "convert": _convert}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"recjpq {args.command}: error: {e}") from None

@@ -62,9 +62,9 @@ def test_baco_codes_balanced_and_valid(num_items, num_splits, num_codes):
     for m in range(num_splits):
         counts = np.bincount(codes[:, m].numpy(), minlength=num_codes)
         assert counts.size == num_codes
-        if mean >= 1:
-            assert counts.min() >= math.floor(0.95 * mean) and counts.max() <= math.ceil(1.05 * mean), counts
-            assert (counts > 0).all()
+        if mean >= 1:  # mean -/+ max(5%, 2 items), never empty
+            room = max(0.05 * mean, min(2.0, mean))
+            assert counts.min() >= max(math.floor(mean - room), 1) and counts.max() <= math.ceil(mean + room), counts
         else:  # fewer items than codes: every item has a code of its own
             assert counts.max() == 1
 
@@ -74,9 +74,72 @@ def test_baco_codes_refine_and_stay_balanced_on_structure():
     coded = baco.item_codes((users, items), 160, num_splits=4, num_codes=8, seed=0, refined_splits=2, sweeps=5)
     for m in range(4):
         counts = np.bincount(coded[:, m].numpy(), minlength=8)
-        assert counts.min() >= 19 and counts.max() <= 21  # 160 / 8 = 20, slack 5%
+        assert counts.min() >= 18 and counts.max() <= 22  # 160 / 8 = 20, room max(5%, 2 items)
     # refined splits follow the planted groups at least as well as the spectral seeds
     assert nmi(item_group, coded[:, 0].numpy()) > 0.8
+
+
+def test_baco_refinement_moves_small_codes_and_raises_the_objective():
+    """Codes of ~10 items (where 5% slack is under one item) still trade items, the objective grows,
+    and the report separates per-sweep moves from the per-split summary."""
+    (users, items), _, item_group = planted(num_users=400, num_items=320, groups=16, per_user=10, noise=3, seed=2)
+    start = baco.item_codes((users, items), 320, num_splits=2, num_codes=32, refined_splits=0)
+    seen = []
+    coded = baco.item_codes((users, items), 320, num_splits=2, num_codes=32, refined_splits=1, progress=seen.append)
+    assert torch.equal(coded[:, 1], start[:, 1])  # unrefined split: the spectral codes
+    changed = float((coded[:, 0] != start[:, 0]).double().mean())
+    summary = [r for r in seen if "items_changed" in r]
+    sweeps = [r for r in seen if "items_moved" in r]
+    assert len(summary) == 1 and summary[0]["items_changed"] == pytest.approx(changed, abs=1e-6)
+    assert changed > 0.05
+    assert summary[0]["modularity_after"] > summary[0]["modularity_before"]
+    assert summary[0]["intra_after"] > summary[0]["intra_before"]
+    assert sum(r["items_moved"] for r in sweeps) >= changed * 320
+    assert 1 <= summary[0]["sweeps"] == len(sweeps) <= 10
+    counts = np.bincount(coded[:, 0].numpy(), minlength=32)
+    assert counts.min() >= 8 and counts.max() <= 12  # 10 items per code, room 2
+    assert nmi(item_group, coded[:, 0].numpy()) >= nmi(item_group, start[:, 0].numpy())
+
+
+def test_baco_codes_same_for_any_thread_count():
+    """Float reductions split by thread count must not reorder items: 1 and 2 threads agree."""
+    rng = np.random.default_rng(5)
+    users = rng.integers(0, 3000, 40000)
+    items = np.where(rng.random(40000) < 0.6, (users % 40) * 50 + rng.integers(0, 50, 40000),
+                     rng.zipf(1.5, 40000) % 2000)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            runs.append((baco.item_codes((users, items), 2000, 4, 64, seed=0, sweeps=3),
+                         co_cluster((users, items), 40, num_secondary=8, alpha=0.5, sweeps=3, seed=0)))
+    finally:
+        torch.set_num_threads(threads)
+    (codes1, cc1), (codes2, cc2) = runs
+    assert torch.equal(codes1, codes2)
+    assert all(torch.equal(x, y) for x, y in zip(cc1[:3], cc2[:3]))
+
+
+def test_item_spectrum_same_for_any_thread_count():
+    """At this size (Toys-like: 20k users, 12k items) multi-threaded BLAS changes the spectrum's
+    last bits, which reordered 0.4% of Toys item codes before the spectrum ran on one thread."""
+    rng = np.random.default_rng(5)
+    users = rng.integers(0, 20000, 170000)
+    items = np.where(rng.random(170000) < 0.6, (users % 40) * 300 + rng.integers(0, 300, 170000),
+                     rng.zipf(1.5, 170000) % 12000)
+    u, i, w, nu, ni = baco._edges((users, items), None, 12000, None)
+    _, item_side = baco._sides(u, i, w, nu, ni, 0.0)
+    threads = torch.get_num_threads()
+    spectra = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            spectra.append(baco._item_spectrum(item_side, nu, 8, torch.Generator().manual_seed(0)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(spectra[0], spectra[1])
 
 
 def test_baco_codes_large_code_books_use_wider_dtype():
@@ -104,7 +167,8 @@ def test_baco_codes_items_without_interactions():
     users, items = np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2])
     codes = assign_codes((users, items), 40, 3, 4, strategy="baco")
     assert codes.shape == (40, 3)
-    assert all((np.bincount(codes[:, m].numpy(), minlength=4) == 10).all() for m in range(3))
+    counts = [np.bincount(codes[:, m].numpy(), minlength=4) for m in range(3)]
+    assert all(c.sum() == 40 and c.min() >= 8 and c.max() <= 12 for c in counts)  # 10 per code, room 2
 
 
 # ---------------------------------------------------------------- co-clustering
@@ -151,7 +215,7 @@ def test_co_cluster_deterministic_and_reports_progress():
     a = co_cluster(log, 4, num_secondary=3, seed=11, progress=seen.append)
     b = co_cluster(log, 4, num_secondary=3, seed=11)
     assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
-    assert seen and {"stage", "sweep", "moved", "seconds"} <= set(seen[0])
+    assert seen and {"stage", "sweep", "users_moved", "items_moved", "seconds"} <= set(seen[0])
 
 
 def test_co_cluster_popular_items_alone_with_volume_weights():

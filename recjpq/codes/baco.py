@@ -26,9 +26,11 @@ embedding is the sum of both rows (``recjpq.nn.ClusterEmbedding``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+import warnings
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -56,6 +58,23 @@ class _Side:
         degree = torch.zeros(num_nodes, dtype=torch.float64, device=src.device).index_add_(0, src, wt.double())
         self.weight = degree.pow(alpha) if alpha else torch.ones_like(degree)  # 0 ** 0 == 1: isolated nodes count 1
         self.indptr = torch.cat([src.new_zeros(1), torch.bincount(src, minlength=num_nodes).cumsum(0)])
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Runs float reductions whose order depends on the thread count (BLAS, LAPACK, sparse products)
+    on one thread, so that the labels they feed into argsorts are the same for any thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _total(x: torch.Tensor) -> float:
+    """Sum in float64 in a fixed (sequential) order: ``Tensor.sum`` splits its reduction by thread count."""
+    return float(x.double().cumsum(0)[-1]) if x.numel() else 0.0
 
 
 def _check_count(name: str, value, minimum: int) -> int:
@@ -211,8 +230,12 @@ def _accept(src, dst, gain, weight, load, lo, hi, k, rounds: int = 3):
     return result
 
 
-def _sweep(side: _Side, own, other, k, gamma, slack, fraction, generator):
-    """One balanced label-propagation step of one side, in place on ``own``; returns the moves made."""
+def _sweep(side: _Side, own, other, k, gamma, slack, fraction, generator, min_room: float = 0.0):
+    """One balanced label-propagation step of one side, in place on ``own``; returns the moves made.
+
+    Cluster weights stay within ``mean -/+ max(slack * mean, min_room)`` (``min_room`` is an absolute
+    floor, so that small clusters can still trade nodes), never below one node's weight where the
+    mean allows it, and never above what the heaviest node needs alone."""
     load = torch.zeros(k, dtype=torch.float64, device=own.device).index_add_(0, own, side.weight)
     dense = side.num_nodes * k <= 4 * side.src.numel() + _DENSE_BUDGET
     best, gain = (_best_labels_dense if dense else _best_labels_sparse)(side, own, other, load, gamma, k)
@@ -223,9 +246,12 @@ def _sweep(side: _Side, own, other, k, gamma, slack, fraction, generator):
     if math.isinf(slack):  # an unbalanced side: every improving move stands
         own[movers] = best[movers]
         return movers.numel()
-    mean = float(side.weight.sum()) / k
-    hi = max((1.0 + slack) * mean, float(side.weight.max()))  # a node heavier than the mean fills a cluster alone
-    ok = _accept(own[movers], best[movers], gain[movers], side.weight[movers], load, (1.0 - slack) * mean, hi, k)
+    mean = _total(side.weight) / k
+    room = max(slack * mean, min(min_room, mean))
+    heaviest = float(side.weight.max())
+    hi = max(mean + room, heaviest)  # a node heavier than the mean fills a cluster alone
+    lo = max(mean - room, min(heaviest, math.floor(mean / heaviest) * heaviest))  # no cluster emptied
+    ok = _accept(own[movers], best[movers], gain[movers], side.weight[movers], load, lo, hi, k)
     own[movers[ok]] = best[movers[ok]]
     return int(ok.sum())
 
@@ -237,7 +263,16 @@ def _balanced_labels(n, k, generator, device):
 
 def _item_spectrum(side: _Side, num_users: int, rank: int, generator, power_iters: int = 2):
     """Top ``rank`` item singular vectors ``[num_items, rank]`` of the degree-normalised biadjacency
-    (randomised range finder, sparse ops only)."""
+    (randomised range finder, sparse ops only).
+
+    Runs on one thread: BLAS, LAPACK and sparse products order their float reductions by thread
+    count, and these values are argsorted into labels, where a last-bit difference would reorder
+    near-equal items."""
+    with _one_thread():
+        return _item_spectrum_unthreaded(side, num_users, rank, generator, power_iters)
+
+
+def _item_spectrum_unthreaded(side: _Side, num_users: int, rank: int, generator, power_iters: int):
     dev = side.src.device
     deg = torch.zeros(side.num_nodes, device=dev).index_add_(0, side.src, side.wt)
     udeg = torch.zeros(num_users, device=dev).index_add_(0, side.dst, side.wt)
@@ -277,21 +312,24 @@ def _reporter(progress):
 
 
 def _propagate(users: _Side, items: _Side, user_labels, item_labels, k, *, resolution, slack, sweeps, fraction,
-               generator, report, stage, user_slack=None):
-    """Alternating balanced sweeps (users, then items) until no node moves or ``sweeps`` run out.
-    ``user_slack`` (default ``slack``) bounds the user side."""
-    total = float(users.wt.sum())
+               generator, report, stage, user_slack=None, min_room: float = 0.0, tolerance: float = 0.0):
+    """Alternating balanced sweeps (users, then items) until fewer than ``tolerance`` of the items
+    move in a sweep (no node at all with ``tolerance = 0``) or ``sweeps`` run out; returns the
+    sweeps run. ``user_slack`` (default ``slack``) bounds the user side."""
+    total = _total(users.wt)
     for t in range(sweeps):
         start = time.perf_counter()
-        moved = 0
+        moved = []
         for side, own, other, bound in ((users, user_labels, item_labels, slack if user_slack is None else user_slack),
                                         (items, item_labels, user_labels, slack)):
-            gamma = resolution * total / float(side.weight.sum()) ** 2  # alpha = 1: modularity's null model
-            moved += _sweep(side, own, other, k, gamma, bound, fraction, generator)
+            gamma = resolution * total / _total(side.weight) ** 2  # alpha = 1: modularity's null model
+            moved.append(_sweep(side, own, other, k, gamma, bound, fraction, generator, min_room))
         if report is not None:
-            report({"stage": stage, "sweep": t + 1, "moved": moved, "seconds": round(time.perf_counter() - start, 3)})
-        if moved == 0:
-            break
+            report({"stage": stage, "sweep": t + 1, "users_moved": moved[0], "items_moved": moved[1],
+                    "seconds": round(time.perf_counter() - start, 3)})
+        if sum(moved) == 0 or moved[1] < tolerance * items.num_nodes:
+            return t + 1
+    return sweeps
 
 
 def _check_options(alpha, resolution, slack, sweeps, move_fraction):
@@ -391,23 +429,146 @@ def level_codes(interactions, num_rows, *, num_users: int | None = None, num_ite
     return LevelCodes(torch.stack(user_codes, 1), torch.stack(item_codes, 1), tuple(sizes))
 
 
+_GRID = 2.0 ** -20  # two-hop weights are multiples of this: their sums are exact, so order-free
+
+
+def _on_grid(x: torch.Tensor) -> torch.Tensor:
+    return x.div(_GRID).round().mul(_GRID)
+
+
+class _TwoHop:
+    """Item-to-code affinities through users, ``S = B^T D_U^-1 B Y`` without an item's own term:
+    ``S[i, c]`` is the weight of item i's co-occurrences with the items of code c, each user's
+    co-occurrences weighted ``1 / deg(u)``. Weights lie on a dyadic grid so that every sum is
+    exact, whatever the thread count or summation order."""
+
+    def __init__(self, users: _Side, items: _Side):
+        self.users, self.items = users, items
+        dev = users.src.device
+        degree = torch.zeros(users.num_nodes, dtype=torch.float64, device=dev).index_add_(0, users.src,
+                                                                                         users.wt.double())
+        self.user_value = _on_grid(users.wt.double() / degree[users.src]).clamp_min(_GRID)  # i's weight in u's histogram
+        item_value = self.user_value[torch.argsort(users.dst * users.num_nodes + users.src)]  # same, in item order
+        self.self_weight = torch.zeros(items.num_nodes, dtype=torch.float64, device=dev).index_add_(
+            0, items.src, _on_grid(items.wt.double() * item_value))
+        per_user = torch.zeros(users.num_nodes, dtype=torch.float64, device=dev).index_add_(0, users.src,
+                                                                                           self.user_value)
+        # row sums of S (code-independent): each item's co-occurrence strength, the null model's degrees
+        self.strength = torch.zeros_like(self.self_weight).index_add_(
+            0, items.src, _on_grid(items.wt.double() * per_user[items.dst])) - self.self_weight
+        self.total = _total(self.strength)
+
+    def histograms(self, codes: torch.Tensor, k: int) -> torch.Tensor:
+        """``[users, k]``: each user's items' weights per code."""
+        hist = torch.zeros(self.users.num_nodes * k, dtype=torch.float64, device=codes.device)
+        return hist.index_add_(0, self.users.src * k + codes[self.users.dst], self.user_value).view(-1, k)
+
+    def rows(self, hist: torch.Tensor, codes: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``S[idx]`` (``idx`` sorted), dense ``[len(idx), k]`` float64."""
+        items = self.items
+        begin = items.indptr[idx]
+        degree = items.indptr[idx + 1] - begin
+        crow = torch.cat([degree.new_zeros(1), degree.cumsum(0)])
+        pos = torch.arange(int(crow[-1]), device=idx.device) + (begin - crow[:-1]).repeat_interleave(degree)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is all we use
+            warnings.simplefilter("ignore", UserWarning)
+            mat = torch.sparse_csr_tensor(crow, items.dst[pos], items.wt[pos].double(),
+                                          (idx.numel(), self.users.num_nodes), check_invariants=False)
+        out = torch.sparse.mm(mat, hist)
+        out[torch.arange(idx.numel(), device=idx.device), codes[idx]] -= self.self_weight[idx]
+        return out
+
+    def inside(self, hist: torch.Tensor, codes: torch.Tensor) -> float:
+        """``sum_i S[i, codes[i]]``: co-occurrence weight inside codes (exact: grid values)."""
+        users = self.users
+        return _total(users.wt.double() * hist[users.src, codes[users.dst]]) - _total(self.self_weight)
+
+
+def _refine_split(two_hop: _TwoHop, codes, k: int, *, resolution, slack, min_room, sweeps, tolerance, fraction,
+                  generator, report, stage):
+    """Balanced label propagation of one split's item codes on the two-hop item graph, in place.
+
+    Objective: the modularity of the codes on the item co-occurrence graph, ``Q = intra -
+    resolution * sum_c (V_c / V)^2``, where ``intra`` is the share of co-occurrence weight inside
+    codes and ``V_c`` the co-occurrence strength of code c's items (the null model, so popular items
+    do not attract everyone). Item i moves to ``argmax_c S[i, c] - resolution s_i (V_c - s_i [c ==
+    own]) / V`` (its gain in Q) when the capacity bounds allow: ``N / K`` items per code, give or
+    take ``max(slack N / K, min_room)``. Returns the sweeps run and the objective before and after
+    (``intra``, ``modularity`` and ``balance`` = ``K sum_c n_c^2 / N^2``, 1 when all codes hold
+    equally many items)."""
+    n = two_hop.items.num_nodes
+    rows = max(1, _DENSE_BUDGET // k)
+    total = two_hop.total if two_hop.total > 0 else 1.0
+    gamma = resolution / total
+    mean = n / k
+    room = max(slack * mean, min(min_room, mean))
+    hi, lo = max(mean + room, 1.0), max(mean - room, min(1.0, math.floor(mean)))  # never an empty code if N >= K
+    strength = two_hop.strength
+    before, ran, done = None, 0, False
+    while True:
+        start_time = time.perf_counter()
+        hist = two_hop.histograms(codes, k)
+        volume = torch.zeros(k, dtype=torch.float64, device=codes.device).index_add_(0, codes, strength)
+        counts = torch.bincount(codes, minlength=k).double()
+        intra = two_hop.inside(hist, codes) / total
+        objective = {"intra": round(intra, 6),
+                     "modularity": round(intra - resolution * _total(volume.square()) / total ** 2, 6),
+                     "balance": round(k * _total(counts.square()) / (n * n), 6)}
+        before = before or objective
+        if done or ran == sweeps:
+            return ran, before, objective
+        # only the items drawn to move this sweep are scored
+        drawn = (torch.rand(n, generator=generator).to(codes.device) < fraction).nonzero().squeeze(1)
+        best, gain = torch.empty_like(drawn), torch.empty(drawn.numel(), dtype=torch.float64, device=codes.device)
+        for start in range(0, drawn.numel(), rows):
+            idx = drawn[start:start + rows]
+            score, mine = two_hop.rows(hist, codes, idx), codes[idx, None]
+            own = gamma * strength[idx, None]
+            score -= own * volume[None, :]
+            score.scatter_add_(1, mine, own * strength[idx, None])  # an item does not compete with itself
+            pick = score.argmax(1, keepdim=True)  # first maximum: ties go to the lower label
+            best[start:start + rows] = pick.squeeze(1)
+            gain[start:start + rows] = (score.gather(1, pick) - score.gather(1, mine)).squeeze(1)
+        improving = (best != codes[drawn]) & (gain > 1e-12 * total)
+        movers, best, gain = drawn[improving], best[improving], gain[improving]
+        ok = _accept(codes[movers], best, gain, torch.ones_like(gain), counts, lo, hi, k)
+        codes[movers[ok]] = best[ok]
+        moved, ran = int(ok.sum()), ran + 1
+        if report is not None:
+            report({"stage": stage, "sweep": ran, "items_moved": moved, "improving": int(movers.numel()),
+                    **objective, "seconds": round(time.perf_counter() - start_time, 3)})
+        done = moved == 0 or moved < tolerance * n
+
+
 def item_codes(interactions, num_items: int, num_splits: int, num_codes: int = 256, *, seed: int = 0,
-               sweeps: int = 2, refined_splits: int | None = None, slack: float = 0.05, move_fraction: float = 0.5,
-               device=None, progress: bool | Callable[[dict], None] | None = None) -> torch.Tensor:
+               sweeps: int = 10, refined_splits: int | None = None, slack: float = 0.05, min_room: float = 2.0,
+               tolerance: float = 1e-3, resolution: float = 1.0, move_fraction: float = 0.5, device=None,
+               progress: bool | Callable[[dict], None] | None = None) -> torch.Tensor:
     """BACO item codes ``[num_items, num_splits]`` (int64) for RecJPQ.
 
     Split m starts from spectral component m of the degree-normalised interaction graph cut into
     ``num_codes`` equal-count bins (different components keep the splits diverse); balanced
-    co-clustering sweeps then move items so that a code becomes a graph-connected item group, with
-    item counts per code kept within ``[1 - slack, 1 + slack]`` times the mean. Only the first
-    ``refined_splits`` splits (default: half, rounded up) are refined; the rest keep their
-    spectral codes, which keeps code tuples near-unique. ``interactions`` as in ``co_cluster``.
+    co-clustering sweeps then move items so that a code becomes a group of items that co-occur in
+    users' histories (``_refine_split``: users carry their whole code histogram between items, each
+    user's co-occurrences weighted ``1 / deg(u)``). A code holds ``N / K`` items give or take
+    ``max(slack * N / K, min_room)``, so that codes of a dozen items can still trade items. Sweeps
+    stop when fewer than ``tolerance`` of the items move, or after ``sweeps``. Only the first
+    ``refined_splits`` splits (default: half, rounded up) are refined; the rest keep their spectral
+    codes, which keeps code tuples near-unique. ``interactions`` as in ``co_cluster``.
+    ``progress`` gets one dict per sweep (``items_moved`` and the objective before the moves) and
+    one per refined split: the objective before and after, and the share of items whose code the
+    refinement changed. The codes are the same for any thread count (exact sums, one-thread
+    spectrum).
     """
     m_total = _check_count("num_splits", num_splits, 1)
     k = _check_count("num_codes", num_codes, 2)
     refined = (m_total + 1) // 2 if refined_splits is None else min(_check_count("refined_splits", refined_splits, 0),
                                                                     m_total)
-    _check_options(0.0, 1.0, slack, sweeps, move_fraction)
+    _check_options(0.0, resolution, slack, sweeps, move_fraction)
+    if not (isinstance(min_room, (int, float)) and 0.0 <= min_room < math.inf):
+        raise ValueError(f"min_room must be a finite number >= 0, got {min_room!r}")
+    if not (isinstance(tolerance, (int, float)) and 0.0 <= tolerance <= 1.0):
+        raise ValueError(f"tolerance must be a number in [0, 1], got {tolerance!r}")
     report = _reporter(progress)
     users, items, weights, nu, ni = _edges(interactions, None, _check_count("num_items", num_items, 1), device)
     user_side, item_side = _sides(users, items, weights, nu, ni, 0.0)
@@ -418,14 +579,21 @@ def item_codes(interactions, num_items: int, num_splits: int, num_codes: int = 2
     scale = spectrum.abs().amax(0).clamp_min(1e-30) * 1e-6
     spectrum = torch.cat([spectrum + noise[:, :spectrum.shape[1]] * scale, noise[:, spectrum.shape[1]:]], 1)
     codes = torch.empty(ni, m_total, dtype=torch.int64, device=users.device)
+    two_hop = _TwoHop(user_side, item_side) if refined else None
     for m in range(m_total):
         order = torch.argsort(spectrum[:, m], stable=True)
         codes[order, m] = torch.arange(ni, device=users.device) * k // ni
         if m < refined:
-            # users only carry labels between items here: they take their items' plurality code, unbalanced
-            user_labels = _balanced_labels(nu, k, gen, users.device)
-            _sweep(user_side, user_labels, codes[:, m], k, 0.0, math.inf, 1.0, gen)
-            _propagate(user_side, item_side, user_labels, codes[:, m], k, resolution=1.0, slack=slack,
-                       user_slack=math.inf, sweeps=sweeps, fraction=move_fraction, generator=gen, report=report,
-                       stage=f"split {m}")
+            start = codes[:, m].clone()
+            ran, before, after = _refine_split(two_hop, codes[:, m], k, resolution=resolution, slack=slack,
+                                               min_room=min_room, sweeps=sweeps, tolerance=tolerance,
+                                               fraction=move_fraction, generator=gen, report=report,
+                                               stage=f"split {m}")
+            if report is not None:
+                counts = torch.bincount(codes[:, m], minlength=k)
+                report({"stage": f"split {m}", "sweeps": ran,
+                        "items_changed": round(float((codes[:, m] != start).double().mean()), 6),
+                        "codes_min": int(counts.min()), "codes_max": int(counts.max()),
+                        **{f"{key}_before": v for key, v in before.items()},
+                        **{f"{key}_after": v for key, v in after.items()}})
     return codes

@@ -1,0 +1,91 @@
+"""MF-BPR and LightGCN over any embedding tables with ``num_embeddings`` and ``forward(ids)``
+(``nn.Embedding``, ``recjpq.nn.ClusterEmbedding``)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def normalized_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> torch.Tensor:
+    """``D^-1/2 A D^-1/2`` of the symmetric (users + items) graph as a float32 CSR tensor (items offset
+    by ``num_users``), LightGCN's propagation matrix."""
+    users = torch.as_tensor(users, dtype=torch.int64)
+    items = torch.as_tensor(items, dtype=torch.int64) + num_users
+    n = num_users + num_items
+    rows, cols = torch.cat([users, items]), torch.cat([items, users])
+    degree = torch.bincount(rows, minlength=n).double()
+    inv = degree.clamp_min(1.0).rsqrt()
+    values = (inv[rows] * inv[cols]).float()
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), check_invariants=False).coalesce()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is what we need here
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.to_sparse_csr()
+
+
+class _SymmetricSpMM(torch.autograd.Function):
+    """``adj @ x`` for a symmetric sparse ``adj``: the backward is the same product, with no transpose."""
+
+    @staticmethod
+    def forward(ctx, adj, x):
+        ctx.adj = adj
+        return torch.sparse.mm(adj, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, torch.sparse.mm(ctx.adj, grad.contiguous())
+
+
+class MF(nn.Module):
+    """Matrix factorisation: score(u, i) = <user_u, item_i>."""
+
+    def __init__(self, users: nn.Module, items: nn.Module):
+        super().__init__()
+        self.users, self.items = users, items
+
+    def forward(self, user_ids: torch.Tensor, item_ids: torch.Tensor):
+        """Final and layer-0 (ego) embeddings of the batch: ``(u, i, u0, i0)``; for MF they coincide."""
+        u, i = self.users(user_ids), self.items(item_ids)
+        return u, i, u, i
+
+    @torch.no_grad()
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.users(torch.arange(self.users.num_embeddings)),
+                self.items(torch.arange(self.items.num_embeddings)))
+
+
+class LightGCN(nn.Module):
+    """LightGCN (He et al., SIGIR 2020): the mean of ``layers + 1`` propagations of the ego
+    embeddings over the normalised graph; one full propagation per training step."""
+
+    def __init__(self, users: nn.Module, items: nn.Module, adjacency: torch.Tensor, layers: int = 3):
+        super().__init__()
+        n = users.num_embeddings + items.num_embeddings
+        if adjacency.shape != (n, n):
+            raise ValueError(f"adjacency must be [{n}, {n}] (users + items), got {tuple(adjacency.shape)}")
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+            raise ValueError(f"layers must be an int >= 0, got {layers!r}")
+        self.users, self.items, self.adjacency, self.layers = users, items, adjacency, layers
+
+    def _ego(self) -> torch.Tensor:
+        return torch.cat([self.users(torch.arange(self.users.num_embeddings)),
+                          self.items(torch.arange(self.items.num_embeddings))])
+
+    def _propagate(self, ego: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total, x = ego, ego
+        for _ in range(self.layers):
+            x = _SymmetricSpMM.apply(self.adjacency, x)
+            total = total + x
+        out = total / (self.layers + 1)
+        return out[:self.users.num_embeddings], out[self.users.num_embeddings:]
+
+    def forward(self, user_ids: torch.Tensor, item_ids: torch.Tensor):
+        ego = self._ego()
+        users, items = self._propagate(ego)
+        return users[user_ids], items[item_ids], ego[user_ids], ego[self.users.num_embeddings + item_ids]
+
+    @torch.no_grad()
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._propagate(self._ego())
