@@ -15,6 +15,7 @@ from tests.conftest import brute_force_topk, random_problem
 if backends._reason("cpu", "cpu") is not None:
     pytest.skip(f"cpu backend unavailable: {backends._reason('cpu', 'cpu')}", allow_module_level=True)
 
+from bench import fuzz_ops  # noqa: E402
 from recjpq.backends import cpu  # noqa: E402
 
 SIMD = [pytest.param(level, marks=pytest.mark.skipif(not cpu.simd_supported(level), reason=f"CPU lacks {level}"))
@@ -87,15 +88,15 @@ def test_peaked_tables_prune_exactly():
 
 
 def _prune_raw(S, codes, k, max_visits):
-    offsets, items = cpu.inverted_index(codes, S.shape[2])
-    return torch.ops.recjpq_cpu.pq_topk_prune(S, codes, offsets, items, k, None, max_visits)
+    offsets, items, rows = cpu.prune_index(cpu.snapshot(codes, S.shape[2]), S.shape[2])
+    return torch.ops.recjpq_cpu.pq_topk_prune(S, rows, offsets, items, k, None, max_visits)
 
 
 def test_prune_budget_falls_back_to_exhaustive():
     S, codes = random_problem(4, 20_000, 4, 64, seed=5)
     _, _, visited = _prune_raw(S, codes, 10, max_visits=100)
     assert (visited == -1).all()  # random tables: no query proves its top-k within 100 items
-    values, indices = cpu._pruned(S, codes, 10, None, max_visits=100)
+    values, indices = cpu._pruned(S, cpu.snapshot(codes, 64), 10, None, max_visits=100)
     ref_values, ref_indices = ops.pq_topk(S, codes, 10, backend="reference")
     assert torch.equal(indices, ref_indices) and torch.equal(values, ref_values)
 
@@ -136,7 +137,7 @@ def test_kernels_release_the_gil():
     # With a 10 s switch interval the main thread cannot take the GIL from the worker unless the
     # kernel releases it, so the counter moves during the call only if the GIL was released.
     S, codes = random_problem(8, 400_000, 8, 256, seed=8)
-    blocked = cpu.blocked_codes(codes)
+    blocked = cpu.snapshot(codes, 256).blocked
     counter, spans = [0], []
     started, finished = threading.Event(), threading.Event()
 
@@ -171,3 +172,10 @@ def test_fuzz_against_brute_force(batch, n, m, num_codes, k_frac, width, seed, a
     k = max(1, round(k_frac * n))
     exclude = random_exclude(batch, n, width, seed) if width else None
     assert_same_topk(S, codes, k, exclude, algorithm)
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=fuzz_ops.cases())
+def test_fuzz_ops_against_reference(case):
+    # bench/fuzz_ops.py runs the same cases by the ten thousand (docs/cpu-kernel.md)
+    fuzz_ops.check_case(case)

@@ -47,16 +47,16 @@ void check_table(const at::Tensor& S, int64_t M) {
   TORCH_CHECK(S.size(1) == M, "recjpq_cpu: S has M=", S.size(1), " splits but the codes have ", M);
 }
 
-namespace {
-
-constexpr int64_t kChunkBlocks = 32;  // 2048 items per chunk: M=8 uint8 codes take 16 KB (L1)
-
 void check_blocked(const at::Tensor& blocked, int64_t n) {
   TORCH_CHECK(blocked.device().is_cpu() && blocked.dim() == 3 && blocked.size(2) == kBlock && blocked.is_contiguous(),
               "recjpq_cpu: blocked codes must be a contiguous CPU tensor [num_blocks, M, ", kBlock, "]");
   TORCH_CHECK(n >= 1 && blocked.size(0) == (n + kBlock - 1) / kBlock,
               "recjpq_cpu: blocked codes hold ", blocked.size(0), " blocks, which does not fit N=", n);
 }
+
+namespace {
+
+constexpr int64_t kChunkBlocks = 32;  // 2048 items per chunk: M=8 uint8 codes take 16 KB (L1)
 
 // Tasks: `parts` contiguous block ranges x `groups` contiguous query ranges, parts * groups <= threads.
 struct Grid {
@@ -83,26 +83,45 @@ void for_each_task(const Grid& grid, Body&& body) {
   });
 }
 
-at::Tensor block_codes(const at::Tensor& codes) {
-  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 2 && codes.size(0) >= 1,
-              "recjpq_cpu: codes must be a CPU tensor [N, M] with N >= 1");
+// The private snapshot every cpu kernel reads: the codes copied once into the scan layout, with the
+// smallest and largest code of that copy. The range is computed on the copy, not on the caller's
+// tensor, so a thread writing to the codes meanwhile can make the snapshot stale, never unchecked.
+std::tuple<at::Tensor, int64_t, int64_t> block_codes(const at::Tensor& codes) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 2 && codes.size(0) >= 1 && codes.size(1) >= 1,
+              "recjpq_cpu: codes must be a CPU tensor [N, M] with N, M >= 1");
   const at::Tensor rows = codes.contiguous();
   const int64_t n = rows.size(0), M = rows.size(1), num_blocks = (n + kBlock - 1) / kBlock;
+  constexpr int64_t kGrain = 256;  // blocks per parallel unit
+  const int64_t units = (num_blocks + kGrain - 1) / kGrain;
+  std::vector<int64_t> lo(units), hi(units);
   // padding items get code 0 (a valid sub-id); the kernels never report them
   at::Tensor blocked = at::zeros({num_blocks, M, kBlock}, rows.options());
   dispatch_codes(rows.scalar_type(), [&](auto tag) {
     using CodeT = decltype(tag);
     const CodeT* src = rows.data_ptr<CodeT>();
     CodeT* dst = blocked.data_ptr<CodeT>();
-    at::parallel_for(0, num_blocks, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t width = std::min(kBlock, n - b * kBlock);
-        for (int64_t j = 0; j < width; ++j)
-          for (int64_t m = 0; m < M; ++m) dst[(b * M + m) * kBlock + j] = src[(b * kBlock + j) * M + m];
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        CodeT mn = std::numeric_limits<CodeT>::max(), mx = std::numeric_limits<CodeT>::lowest();
+        for (int64_t b = u * kGrain; b < std::min(num_blocks, (u + 1) * kGrain); ++b) {
+          const int64_t width = std::min(kBlock, n - b * kBlock);
+          CodeT* block = dst + b * M * kBlock;
+          for (int64_t j = 0; j < width; ++j)
+            for (int64_t m = 0; m < M; ++m) block[m * kBlock + j] = src[(b * kBlock + j) * M + m];
+          // the range of what was copied, read back from the private block (still in L1)
+          for (int64_t m = 0; m < M; ++m) {
+            for (int64_t j = 0; j < width; ++j) {
+              mn = std::min(mn, block[m * kBlock + j]);
+              mx = std::max(mx, block[m * kBlock + j]);
+            }
+          }
+        }
+        lo[u] = mn;
+        hi[u] = mx;
       }
     });
   });
-  return blocked;
+  return {blocked, *std::min_element(lo.begin(), lo.end()), *std::max_element(hi.begin(), hi.end())};
 }
 
 at::Tensor pq_scores(const at::Tensor& S, const at::Tensor& blocked, int64_t n, c10::string_view simd) {
@@ -264,7 +283,7 @@ std::string simd_resolved_op(c10::string_view name) { return simd_name(parse_sim
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(recjpq_cpu, m) {
-  m.def("block_codes(Tensor codes) -> Tensor", &block_codes);
+  m.def("block_codes(Tensor codes) -> (Tensor, int, int)", &block_codes);
   m.def("pq_scores(Tensor S, Tensor blocked, int n, str simd) -> Tensor", &pq_scores);
   m.def("pq_topk(Tensor S, Tensor blocked, int n, int k, Tensor? exclude, str simd) -> (Tensor, Tensor)", &pq_topk);
   m.def("simd_supported(str level) -> bool", &simd_supported_op);
