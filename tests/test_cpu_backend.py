@@ -2,6 +2,7 @@
 on every SIMD path this CPU has, exhaustive and pruned."""
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 
@@ -179,3 +180,50 @@ def test_fuzz_against_brute_force(batch, n, m, num_codes, k_frac, width, seed, a
 def test_fuzz_ops_against_reference(case):
     # bench/fuzz_ops.py runs the same cases by the ten thousand (docs/cpu-kernel.md)
     fuzz_ops.check_case(case)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_result_does_not_depend_on_the_thread_count(threads):
+    # more helpers than cores: chunks land on threads in any order, the merge must not care
+    S, codes = random_problem(3, 70_001, 8, 256, seed=9, integer_scores=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_same_topk(S, codes, 20, random_exclude(3, 70_001, 9, seed=9))
+        assert torch.equal(ops.pq_scores(S, codes, backend="cpu"), ops.pq_scores(S, codes, backend="reference"))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_concurrent_callers_share_the_helper_pool():
+    S, codes = random_problem(2, 50_000, 8, 256, seed=10)
+    expected = ops.pq_topk(S, codes, 10, backend="reference")
+    results = []
+
+    def caller():
+        for _ in range(10):
+            results.append(ops.pq_topk(S, codes, 10, backend="cpu"))
+
+    callers = [threading.Thread(target=caller) for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert len(results) == 40 and all(torch.equal(r[1], expected[1]) for r in results)
+
+
+def test_forked_child_runs_without_the_parents_helpers():
+    # the child has none of the parent's pool threads; the caller does the work itself, no deadlock
+    script = (
+        "import os, torch\n"
+        "from recjpq import ops\n"
+        "S = torch.randn(1, 8, 256); codes = torch.randint(0, 256, (200_000, 8), dtype=torch.uint8)\n"
+        "expected = ops.pq_topk(S, codes, 10, backend='cpu')\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    ok = torch.equal(ops.pq_topk(S, codes, 10, backend='cpu')[1], expected[1])\n"
+        "    os._exit(0 if ok else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "raise SystemExit(os.waitstatus_to_exitcode(status))\n")
+    proc = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,13 +1,16 @@
 // Exhaustive fused PQ scoring and top-k over the blocked code layout.
 //
-// Work is a grid of (item range x query group) tasks, one per thread: with B = 1 every thread scans
-// its own slice of the catalogue; with B > 1 each thread scores a chunk of codes (kept in L1/L2) for
-// every query of its group before moving on, so one load of the codes serves the whole batch.
-// Each (task, query) keeps an AscendingTopK whose threshold filters most items inside the SIMD
-// scorer; the buffers are merged per query at the end. Memory is O(threads x B x k), never B x N.
+// The catalogue is cut into chunks of 2,048 items, shared out by caller-runs work sharing
+// (work_sharing.h): the calling thread scans chunks itself and never waits for a helper thread the
+// OS has not scheduled yet. A chunk is scored for every query (of its group) before the next, so
+// one load of its codes (kept in L1/L2) serves the whole batch. Each (thread slot, query) keeps an
+// AscendingTopK whose threshold filters most items inside the SIMD scorer; the buffers are merged
+// per query at the end. Memory is O(threads x B x k), never B x N.
 #include "pq_common.h"
 
 #include <ATen/Parallel.h>
+
+#include "work_sharing.h"
 
 namespace recjpq_cpu {
 
@@ -58,29 +61,30 @@ namespace {
 
 constexpr int64_t kChunkBlocks = 32;  // 2048 items per chunk: M=8 uint8 codes take 16 KB (L1)
 
-// Tasks: `parts` contiguous block ranges x `groups` contiguous query ranges, parts * groups <= threads.
+// Units of work for run_units: chunks of kChunkBlocks blocks x query groups, numbered group-major so
+// that each slot meets a query's items in ascending order. Queries are split into groups only when
+// the catalogue has fewer chunks than threads; otherwise a unit serves every query from one load
+// of its codes.
 struct Grid {
-  int64_t parts, groups, num_blocks, batch;
-  Grid(int64_t num_blocks_, int64_t batch_) : num_blocks(num_blocks_), batch(batch_) {
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    parts = std::max<int64_t>(1, std::min(threads, num_blocks / 4));
-    groups = std::max<int64_t>(1, std::min(batch, threads / parts));
+  int64_t chunks, groups, num_blocks, batch;
+  int threads;
+  Grid(int64_t num_blocks_, int64_t batch_)
+      : chunks((num_blocks_ + kChunkBlocks - 1) / kChunkBlocks), num_blocks(num_blocks_), batch(batch_),
+        threads(work_threads()) {
+    groups = chunks >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(batch, threads));
   }
-  int64_t tasks() const { return parts * groups; }
-  int64_t block_begin(int64_t part) const { return num_blocks * part / parts; }
-  int64_t query_begin(int64_t group) const { return batch * group / groups; }
+  int64_t units() const { return chunks * groups; }
 };
 
-// Runs body(block_begin, block_end, query_begin, query_end, part) for every task, in parallel.
+// Runs body(block_begin, block_end, query_begin, query_end, slot) for every unit, caller-runs.
 template <typename Body>
-void for_each_task(const Grid& grid, Body&& body) {
-  at::parallel_for(0, grid.tasks(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t part = t % grid.parts, group = t / grid.parts;
-      body(grid.block_begin(part), grid.block_begin(part + 1), grid.query_begin(group), grid.query_begin(group + 1),
-           part);
-    }
-  });
+void for_each_unit(const Grid& grid, Body&& body) {
+  auto unit_fn = [&](int64_t unit, int slot) {
+    const int64_t chunk = unit % grid.chunks, group = unit / grid.chunks;
+    body(chunk * kChunkBlocks, std::min(grid.num_blocks, (chunk + 1) * kChunkBlocks), grid.batch * group / grid.groups,
+         grid.batch * (group + 1) / grid.groups, slot);
+  };
+  run_units(grid.units(), grid.threads, unit_fn);
 }
 
 // The private snapshot every cpu kernel reads: the codes copied once into the scan layout, with the
@@ -138,17 +142,16 @@ at::Tensor pq_scores(const at::Tensor& S, const at::Tensor& blocked, int64_t n, 
     const float* table = S.data_ptr<float>();
     float* scores = out.data_ptr<float>();
     const Grid grid(blocked.size(0), batch);
-    for_each_task(grid, [&](int64_t blk0, int64_t blk1, int64_t q0, int64_t q1, int64_t) {
-      std::vector<float> tail(kChunkBlocks * kBlock);
-      for (int64_t c = blk0; c < blk1; c += kChunkBlocks) {
-        const int64_t nb = std::min(kChunkBlocks, blk1 - c), first = c * kBlock;
-        const int64_t width = std::min(nb * kBlock, n - first);
-        for (int64_t q = q0; q < q1; ++q) {
-          float* row = scores + q * n + first;
-          const bool whole = width == nb * kBlock;  // write in place unless the chunk runs past N
-          score(codes + c * M * kBlock, nb, M, table + q * M * K, K, 0.0f, whole ? row : tail.data(), nullptr);
-          if (!whole) std::memcpy(row, tail.data(), width * sizeof(float));
-        }
+    std::vector<float> tails(grid.threads * kChunkBlocks * kBlock);  // per slot
+    for_each_unit(grid, [&](int64_t c, int64_t blk1, int64_t q0, int64_t q1, int slot) {
+      float* tail = tails.data() + slot * kChunkBlocks * kBlock;
+      const int64_t nb = blk1 - c, first = c * kBlock;
+      const int64_t width = std::min(nb * kBlock, n - first);
+      for (int64_t q = q0; q < q1; ++q) {
+        float* row = scores + q * n + first;
+        const bool whole = width == nb * kBlock;  // write in place unless the chunk runs past N
+        score(codes + c * M * kBlock, nb, M, table + q * M * K, K, 0.0f, whole ? row : tail, nullptr);
+        if (!whole) std::memcpy(row, tail, width * sizeof(float));
       }
     });
   });
@@ -202,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor
   const Simd level = parse_simd(std::string(simd));
   const ExcludeLists excluded(exclude, batch);
   const Grid grid(blocked.size(0), batch);
-  std::vector<AscendingTopK> found(grid.parts * batch, AscendingTopK(k));  // [part, query]
+  std::vector<AscendingTopK> found(grid.threads * batch, AscendingTopK(k));  // [slot, query]
   const float* table = S.data_ptr<float>();
 
   // uint8 codes on AVX-512 VBMI: filter on byte tables, rescore the few survivors exactly
@@ -218,35 +221,35 @@ std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor
     using CodeT = decltype(tag);
     const auto score = score_blocks_fn<CodeT>(level);
     const CodeT* codes = blocked.data_ptr<CodeT>();
-    for_each_task(grid, [&](int64_t blk0, int64_t blk1, int64_t q0, int64_t q1, int64_t part) {
-      std::vector<float> scores(kChunkBlocks * kBlock);
-      std::vector<uint64_t> masks(kChunkBlocks);
-      for (int64_t c = blk0; c < blk1; c += kChunkBlocks) {
-        const int64_t nb = std::min(kChunkBlocks, blk1 - c);
-        const CodeT* chunk = codes + c * M * kBlock;
-        for (int64_t q = q0; q < q1; ++q) {
-          AscendingTopK& best = found[part * batch + q];
-          const float* Sq = table + q * M * K;
-          if (filter) {
-            filter(reinterpret_cast<const uint8_t*>(chunk), nb, M, bytes[q].data(),
-                   bytes[q].threshold(best.threshold()), masks.data());
-          } else {
-            score(chunk, nb, M, Sq, K, best.threshold(), scores.data(), masks.data());
-          }
-          for (int64_t b = 0; b < nb; ++b) {
-            for (uint64_t mask = masks[b]; mask; mask &= mask - 1) {
-              const int64_t j = __builtin_ctzll(mask), item = (c + b) * kBlock + j;
-              if (item >= n) break;
-              if (excluded.contains(q, item)) continue;
-              if (!filter) {
-                best.push(scores[b * kBlock + j], item);
-                continue;
-              }
-              const CodeT* ic = chunk + b * M * kBlock + j;  // item's code in split m: ic[m * kBlock]
-              float s = Sq[ic[0]];
-              for (int64_t m = 1; m < M; ++m) s += Sq[m * K + ic[m * kBlock]];
-              best.push(s, item);
+    std::vector<float> slot_scores(grid.threads * kChunkBlocks * kBlock);
+    std::vector<uint64_t> slot_masks(grid.threads * kChunkBlocks);
+    for_each_unit(grid, [&](int64_t c, int64_t blk1, int64_t q0, int64_t q1, int slot) {
+      float* scores = slot_scores.data() + slot * kChunkBlocks * kBlock;
+      uint64_t* masks = slot_masks.data() + slot * kChunkBlocks;
+      const int64_t nb = blk1 - c;
+      const CodeT* chunk = codes + c * M * kBlock;
+      for (int64_t q = q0; q < q1; ++q) {
+        AscendingTopK& best = found[slot * batch + q];
+        const float* Sq = table + q * M * K;
+        if (filter) {
+          filter(reinterpret_cast<const uint8_t*>(chunk), nb, M, bytes[q].data(), bytes[q].threshold(best.threshold()),
+                 masks);
+        } else {
+          score(chunk, nb, M, Sq, K, best.threshold(), scores, masks);
+        }
+        for (int64_t b = 0; b < nb; ++b) {
+          for (uint64_t mask = masks[b]; mask; mask &= mask - 1) {
+            const int64_t j = __builtin_ctzll(mask), item = (c + b) * kBlock + j;
+            if (item >= n) break;
+            if (excluded.contains(q, item)) continue;
+            if (!filter) {
+              best.push(scores[b * kBlock + j], item);
+              continue;
             }
+            const CodeT* ic = chunk + b * M * kBlock + j;  // item's code in split m: ic[m * kBlock]
+            float s = Sq[ic[0]];
+            for (int64_t m = 1; m < M; ++m) s += Sq[m * K + ic[m * kBlock]];
+            best.push(s, item);
           }
         }
       }
@@ -257,17 +260,17 @@ std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor
   at::Tensor indices = at::empty({batch, k}, S.options().dtype(at::kLong));
   float* vals = values.data_ptr<float>();
   int64_t* ids = indices.data_ptr<int64_t>();
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  // per query, the candidates of every slot: packed keys are a total order, so the answer does not
+  // depend on which thread scanned which chunk
+  auto merge = [&](int64_t q, int) {
     std::vector<int64_t> keys;
-    for (int64_t q = begin; q < end; ++q) {
-      keys.clear();
-      for (int64_t p = 0; p < grid.parts; ++p) {
-        const auto& part_keys = found[p * batch + q].keys();
-        keys.insert(keys.end(), part_keys.begin(), part_keys.end());
-      }
-      write_topk(keys, k, vals + q * k, ids + q * k);
+    for (int slot = 0; slot < grid.threads; ++slot) {
+      const auto& slot_keys = found[slot * batch + q].keys();
+      keys.insert(keys.end(), slot_keys.begin(), slot_keys.end());
     }
-  });
+    write_topk(keys, k, vals + q * k, ids + q * k);
+  };
+  run_units(batch, grid.threads, merge);
   return {values, indices};
 }
 
