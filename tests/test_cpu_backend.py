@@ -227,3 +227,14 @@ def test_forked_child_runs_without_the_parents_helpers():
         "raise SystemExit(os.waitstatus_to_exitcode(status))\n")
     proc = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("shape", [(1, 512), (3, 5, 24), (24,), (0, 24)])
+def test_subitem_scores_kernel_matches_einsum(shape):
+    query, centroids = torch.randn(*shape), torch.randn(8, 300, shape[-1] // 8)
+    S = ops.subitem_scores(query, centroids)  # float32, no grad: the C++ kernel
+    chunks = query.reshape(*shape[:-1], 8, shape[-1] // 8)
+    torch.testing.assert_close(S, torch.einsum("...md,mkd->...mk", chunks, centroids), rtol=1e-5, atol=1e-5)
+    centroids.requires_grad_()
+    ops.subitem_scores(query, centroids).sum().backward()  # needs a gradient: einsum, differentiable
+    assert centroids.grad is not None

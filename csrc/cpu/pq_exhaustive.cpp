@@ -76,7 +76,8 @@ struct Grid {
   int64_t units() const { return chunks * groups; }
 };
 
-// Runs body(block_begin, block_end, query_begin, query_end, slot) for every unit, caller-runs.
+// Runs body(block_begin, block_end, query_begin, query_end, slot) for every unit, caller-runs
+// (waiting for helpers: pq_scores writes into the caller's output).
 template <typename Body>
 void for_each_unit(const Grid& grid, Body&& body) {
   auto unit_fn = [&](int64_t unit, int slot) {
@@ -195,82 +196,103 @@ class ByteTable {
   double base_, step_, slack_;
 };
 
+// One pq_topk call's scan: everything a unit touches, owned here (tensors by reference count), because
+// a helper revoked for being slow may still finish its unit after pq_topk has returned
+// (run_units_revocable). Slots [0, threads] each keep an AscendingTopK per query.
+template <typename CodeT>
+struct TopkScan {
+  at::Tensor S, blocked;  // held so that their memory outlives any late helper
+  int64_t n, k, M, K, batch;
+  Grid grid;
+  ExcludeLists excluded;
+  ScoreBlocksFn<CodeT> score;
+  FilterBlocksFn filter;
+  std::vector<ByteTable> bytes;
+  std::vector<AscendingTopK> found;  // [slot, query]
+  std::vector<float> slot_scores;
+  std::vector<uint64_t> slot_masks;
+
+  TopkScan(const at::Tensor& S_, const at::Tensor& blocked_, int64_t n_, int64_t k_,
+           const c10::optional<at::Tensor>& exclude, Simd level)
+      : S(S_), blocked(blocked_), n(n_), k(k_), M(blocked_.size(1)), K(S_.size(2)), batch(S_.size(0)),
+        grid(blocked_.size(0), S_.size(0)), excluded(exclude, S_.size(0)), score(score_blocks_fn<CodeT>(level)),
+        // uint8 codes on AVX-512 VBMI: filter on byte tables, rescore the few survivors exactly
+        filter(std::is_same<CodeT, uint8_t>::value && K <= 256 && M * 255 <= 65535 ? filter_blocks_fn(level) : nullptr),
+        found((grid.threads + 1) * batch, AscendingTopK(k_)),
+        slot_scores((grid.threads + 1) * kChunkBlocks * kBlock),
+        slot_masks((grid.threads + 1) * kChunkBlocks) {
+    if (filter) {
+      bytes.reserve(batch);
+      for (int64_t q = 0; q < batch; ++q) bytes.emplace_back(S.data_ptr<float>() + q * M * K, M, K);
+    }
+  }
+
+  void unit(int64_t u, int slot) {
+    const int64_t c = (u % grid.chunks) * kChunkBlocks, group = u / grid.chunks;
+    const int64_t nb = std::min(grid.num_blocks, c + kChunkBlocks) - c;
+    const int64_t q0 = batch * group / grid.groups, q1 = batch * (group + 1) / grid.groups;
+    float* scores = slot_scores.data() + slot * kChunkBlocks * kBlock;
+    uint64_t* masks = slot_masks.data() + slot * kChunkBlocks;
+    const CodeT* chunk = blocked.data_ptr<CodeT>() + c * M * kBlock;
+    for (int64_t q = q0; q < q1; ++q) {
+      AscendingTopK& best = found[slot * batch + q];
+      const float* Sq = S.data_ptr<float>() + q * M * K;
+      if (filter) {
+        filter(reinterpret_cast<const uint8_t*>(chunk), nb, M, bytes[q].data(), bytes[q].threshold(best.threshold()),
+               masks);
+      } else {
+        score(chunk, nb, M, Sq, K, best.threshold(), scores, masks);
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        for (uint64_t mask = masks[b]; mask; mask &= mask - 1) {
+          const int64_t j = __builtin_ctzll(mask), item = (c + b) * kBlock + j;
+          if (item >= n) break;
+          if (excluded.contains(q, item)) continue;
+          if (!filter) {
+            best.push(scores[b * kBlock + j], item);
+            continue;
+          }
+          const CodeT* ic = chunk + b * M * kBlock + j;  // item's code in split m: ic[m * kBlock]
+          float s = Sq[ic[0]];
+          for (int64_t m = 1; m < M; ++m) s += Sq[m * K + ic[m * kBlock]];
+          best.push(s, item);
+        }
+      }
+    }
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor& blocked, int64_t n, int64_t k,
                                            const c10::optional<at::Tensor>& exclude, c10::string_view simd) {
   check_blocked(blocked, n);
-  const int64_t M = blocked.size(1);
-  check_table(S, M);
+  check_table(S, blocked.size(1));
   TORCH_CHECK(k >= 1 && k <= n, "recjpq_cpu: k must be in [1, N=", n, "], got ", k);
-  const int64_t batch = S.size(0), K = S.size(2);
+  const int64_t batch = S.size(0);
   const Simd level = parse_simd(std::string(simd));
-  const ExcludeLists excluded(exclude, batch);
-  const Grid grid(blocked.size(0), batch);
-  std::vector<AscendingTopK> found(grid.threads * batch, AscendingTopK(k));  // [slot, query]
-  const float* table = S.data_ptr<float>();
-
-  // uint8 codes on AVX-512 VBMI: filter on byte tables, rescore the few survivors exactly
-  const FilterBlocksFn filter =
-      blocked.scalar_type() == at::kByte && K <= 256 && M * 255 <= 65535 ? filter_blocks_fn(level) : nullptr;
-  std::vector<ByteTable> bytes;
-  if (filter) {
-    bytes.reserve(batch);
-    for (int64_t q = 0; q < batch; ++q) bytes.emplace_back(table + q * M * K, M, K);
-  }
-
-  dispatch_codes(blocked.scalar_type(), [&](auto tag) {
-    using CodeT = decltype(tag);
-    const auto score = score_blocks_fn<CodeT>(level);
-    const CodeT* codes = blocked.data_ptr<CodeT>();
-    std::vector<float> slot_scores(grid.threads * kChunkBlocks * kBlock);
-    std::vector<uint64_t> slot_masks(grid.threads * kChunkBlocks);
-    for_each_unit(grid, [&](int64_t c, int64_t blk1, int64_t q0, int64_t q1, int slot) {
-      float* scores = slot_scores.data() + slot * kChunkBlocks * kBlock;
-      uint64_t* masks = slot_masks.data() + slot * kChunkBlocks;
-      const int64_t nb = blk1 - c;
-      const CodeT* chunk = codes + c * M * kBlock;
-      for (int64_t q = q0; q < q1; ++q) {
-        AscendingTopK& best = found[slot * batch + q];
-        const float* Sq = table + q * M * K;
-        if (filter) {
-          filter(reinterpret_cast<const uint8_t*>(chunk), nb, M, bytes[q].data(), bytes[q].threshold(best.threshold()),
-                 masks);
-        } else {
-          score(chunk, nb, M, Sq, K, best.threshold(), scores, masks);
-        }
-        for (int64_t b = 0; b < nb; ++b) {
-          for (uint64_t mask = masks[b]; mask; mask &= mask - 1) {
-            const int64_t j = __builtin_ctzll(mask), item = (c + b) * kBlock + j;
-            if (item >= n) break;
-            if (excluded.contains(q, item)) continue;
-            if (!filter) {
-              best.push(scores[b * kBlock + j], item);
-              continue;
-            }
-            const CodeT* ic = chunk + b * M * kBlock + j;  // item's code in split m: ic[m * kBlock]
-            float s = Sq[ic[0]];
-            for (int64_t m = 1; m < M; ++m) s += Sq[m * K + ic[m * kBlock]];
-            best.push(s, item);
-          }
-        }
-      }
-    });
-  });
-
   at::Tensor values = at::empty({batch, k}, S.options());
   at::Tensor indices = at::empty({batch, k}, S.options().dtype(at::kLong));
   float* vals = values.data_ptr<float>();
   int64_t* ids = indices.data_ptr<int64_t>();
-  // per query, the candidates of every slot: packed keys are a total order, so the answer does not
-  // depend on which thread scanned which chunk
-  auto merge = [&](int64_t q, int) {
-    std::vector<int64_t> keys;
-    for (int slot = 0; slot < grid.threads; ++slot) {
-      const auto& slot_keys = found[slot * batch + q].keys();
-      keys.insert(keys.end(), slot_keys.begin(), slot_keys.end());
-    }
-    write_topk(keys, k, vals + q * k, ids + q * k);
-  };
-  run_units(batch, grid.threads, merge);
+  dispatch_codes(blocked.scalar_type(), [&](auto tag) {
+    using Scan = TopkScan<decltype(tag)>;
+    auto scan = std::make_shared<Scan>(S, blocked, n, k, exclude, level);
+    const int threads = scan->grid.threads;
+    const std::vector<char> counted = run_units_revocable(
+        scan->grid.units(), threads, [](void* ctx, int64_t u, int slot) { static_cast<Scan*>(ctx)->unit(u, slot); },
+        scan);
+    // per query, the candidates of every counted slot: packed keys are a total order, so the answer
+    // does not depend on which thread scanned which chunk
+    auto merge = [&](int64_t q, int) {
+      std::vector<int64_t> keys;
+      for (int slot = 0; slot <= threads; ++slot) {
+        if (!counted[slot]) continue;
+        const auto& slot_keys = scan->found[slot * batch + q].keys();
+        keys.insert(keys.end(), slot_keys.begin(), slot_keys.end());
+      }
+      write_topk(keys, k, vals + q * k, ids + q * k);
+    };
+    run_units(batch, threads, merge);
+  });
   return {values, indices};
 }
 

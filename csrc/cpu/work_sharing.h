@@ -12,6 +12,8 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 namespace recjpq_cpu {
 
@@ -19,6 +21,16 @@ namespace recjpq_cpu {
 // to threads - 1 pool helpers; slot < threads, and the units one slot runs come in increasing order.
 // threads <= 0 means at::get_num_threads(). Returns when every unit has run. fn must not throw.
 void run_units(int64_t num_units, int threads, void (*fn)(void* ctx, int64_t unit, int slot), void* ctx);
+
+// As run_units, but the caller never waits for a helper the OS has descheduled: once every unit is
+// claimed it gives running helpers a few microseconds, then revokes the slow ones and runs again,
+// itself, every unit that no finished slot covers, in increasing order, as slot `threads`. So fn may
+// run a unit twice (into different slots), and a revoked helper may still be running fn after this
+// returns: fn must touch only what `keep` owns (held until the last helper lets go of it).
+// Returns, per slot in [0, threads], whether that slot's results count (each unit is covered by
+// exactly one counted slot).
+std::vector<char> run_units_revocable(int64_t num_units, int threads, void (*fn)(void* ctx, int64_t unit, int slot),
+                                      std::shared_ptr<void> keep);
 
 // The number of participants run_units(threads = 0) would use.
 int work_threads();

@@ -10,6 +10,19 @@ def score_dtype(query: torch.Tensor, embeddings: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(query.dtype, embeddings.dtype), torch.float32)
 
 
+def _cpu_inference(query: torch.Tensor, centroids: torch.Tensor) -> bool:
+    """float32 CPU inputs that need no gradient, outside torch.compile, with the cpu kernels built."""
+    if query.device.type != "cpu" or query.dtype != torch.float32 or centroids.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (query.requires_grad or centroids.requires_grad):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    from recjpq.backends import cpu
+
+    return cpu.unavailable_reason(query.device) is None
+
+
 def subitem_scores(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """The sub-item score table S: ``S[..., m, k] = query[..., m-th chunk] . centroids[m, k]``.
 
@@ -28,6 +41,9 @@ def subitem_scores(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor
         raise ValueError(f"query dim d={d} is not divisible by M={m} splits of centroids")
     if d // m != dsub:
         raise ValueError(f"centroids have sub-dimension {dsub} but query dim d={d} with M={m} needs {d // m}")
+    if _cpu_inference(query, centroids):  # no BLAS parallel region: see csrc/cpu/subitem_scores.cpp
+        S = torch.ops.recjpq_cpu.subitem_scores(query.reshape(-1, d).contiguous(), centroids.contiguous())
+        return S.view(*query.shape[:-1], m, centroids.shape[1])
     chunks = query.reshape(*query.shape[:-1], m, dsub)
     dtype = score_dtype(query, centroids)
     return torch.einsum("...md,mkd->...mk", chunks.to(dtype), centroids.to(dtype)).float()
