@@ -139,8 +139,8 @@ def pruning(n, m, batches, alphas, repeat):
             for algorithm in ("exhaustive", "prune", "auto"):
                 row[f"{algorithm}_ms"] = timed(recjpq_fn(cat, q, algorithm), repeat)
                 assert torch.equal(recjpq_fn(cat, q, algorithm)()[1], ref), (algorithm, alpha, batch)
-            offsets, items = cpu.inverted_index(cat.codes, S.shape[2])
-            visited = torch.ops.recjpq_cpu.pq_topk_prune(S, cat.codes, offsets, items, K_TOP, None, n)[2]
+            offsets, items, codes = cpu.prune_index(cpu.snapshot(cat.codes, S.shape[2]), S.shape[2])
+            visited = torch.ops.recjpq_cpu.pq_topk_prune(S, codes, offsets, items, K_TOP, None, n)[2]
             row["prune_visited_fraction"] = visited.double().mean().item() / n
             row["prune_speedup"] = row["exhaustive_ms"] / row["prune_ms"]
             row["auto_speedup"] = row["exhaustive_ms"] / row["auto_ms"]

@@ -1,8 +1,14 @@
-"""Per-codes-tensor facts computed once: the code range, and backend-prepared layouts.
+"""One private snapshot per codes tensor: its code range and every layout derived from it.
 
 Scanning N x M codes to check their range costs as much as a B=1 top-k, and backends prepare
 layouts (blocked codes, inverted indexes) worth keeping, so both are cached against the
 tensor's storage, shape and in-place version counter; an in-place edit invalidates them.
+
+On CPU the snapshot is a copy: ``block_codes`` copies the codes once into the scan layout and
+reports the range of that copy, and the cpu kernels read only the copy and what is derived from
+it. So no change to the caller's tensor, concurrent or hidden from the version counter (writes
+through ``.data`` or a shared ``numpy()`` array), can make a kernel read out of bounds; a hidden
+write leaves the snapshot stale until the version moves (``torch.autograd.graph.increment_version``).
 """
 from __future__ import annotations
 
@@ -14,14 +20,30 @@ _MAX_VIEWS = 8  # cached views of one tensor; more distinct slices than this evi
 
 class CodesInfo:
     def __init__(self, codes: torch.Tensor):
-        self.min_code = int(codes.min())
-        self.max_code = int(codes.max())
-        self.prepared: dict = {}  # backend name -> prepared layout (e.g. blocked codes, inverted index)
+        self.n = codes.shape[0]
+        snapshot = _cpu_snapshot(codes)
+        if snapshot is None:  # no cpu kernel will read these codes
+            self.blocked = None
+            self.min_code, self.max_code = int(codes.min()), int(codes.max())
+        else:
+            self.blocked, self.min_code, self.max_code = snapshot
+        self.prepared: dict = {}  # layouts derived from the snapshot (e.g. inverted index), by name
 
     def check_range(self, num_codes: int) -> None:
         if self.min_code < 0 or self.max_code >= num_codes:
             raise ValueError(f"codes must lie in [0, K={num_codes}), got values in "
                              f"[{self.min_code}, {self.max_code}]")
+
+
+def _cpu_snapshot(codes: torch.Tensor):
+    """``(blocked, min, max)`` from the cpu extension for CPU codes, else None."""
+    if codes.device.type != "cpu":
+        return None
+    from recjpq.backends import cpu
+
+    if cpu.unavailable_reason(codes.device) is not None:
+        return None
+    return torch.ops.recjpq_cpu.block_codes(codes)
 
 
 # owner tensor -> {view key: CodesInfo}. Keyed on identity (tensors compare elementwise); a view

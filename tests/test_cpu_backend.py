@@ -2,6 +2,7 @@
 on every SIMD path this CPU has, exhaustive and pruned."""
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 
@@ -15,6 +16,7 @@ from tests.conftest import brute_force_topk, random_problem
 if backends._reason("cpu", "cpu") is not None:
     pytest.skip(f"cpu backend unavailable: {backends._reason('cpu', 'cpu')}", allow_module_level=True)
 
+from bench import fuzz_ops  # noqa: E402
 from recjpq.backends import cpu  # noqa: E402
 
 SIMD = [pytest.param(level, marks=pytest.mark.skipif(not cpu.simd_supported(level), reason=f"CPU lacks {level}"))
@@ -87,15 +89,15 @@ def test_peaked_tables_prune_exactly():
 
 
 def _prune_raw(S, codes, k, max_visits):
-    offsets, items = cpu.inverted_index(codes, S.shape[2])
-    return torch.ops.recjpq_cpu.pq_topk_prune(S, codes, offsets, items, k, None, max_visits)
+    offsets, items, rows = cpu.prune_index(cpu.snapshot(codes, S.shape[2]), S.shape[2])
+    return torch.ops.recjpq_cpu.pq_topk_prune(S, rows, offsets, items, k, None, max_visits)
 
 
 def test_prune_budget_falls_back_to_exhaustive():
     S, codes = random_problem(4, 20_000, 4, 64, seed=5)
     _, _, visited = _prune_raw(S, codes, 10, max_visits=100)
     assert (visited == -1).all()  # random tables: no query proves its top-k within 100 items
-    values, indices = cpu._pruned(S, codes, 10, None, max_visits=100)
+    values, indices = cpu._pruned(S, cpu.snapshot(codes, 64), 10, None, max_visits=100)
     ref_values, ref_indices = ops.pq_topk(S, codes, 10, backend="reference")
     assert torch.equal(indices, ref_indices) and torch.equal(values, ref_values)
 
@@ -136,7 +138,7 @@ def test_kernels_release_the_gil():
     # With a 10 s switch interval the main thread cannot take the GIL from the worker unless the
     # kernel releases it, so the counter moves during the call only if the GIL was released.
     S, codes = random_problem(8, 400_000, 8, 256, seed=8)
-    blocked = cpu.blocked_codes(codes)
+    blocked = cpu.snapshot(codes, 256).blocked
     counter, spans = [0], []
     started, finished = threading.Event(), threading.Event()
 
@@ -171,3 +173,68 @@ def test_fuzz_against_brute_force(batch, n, m, num_codes, k_frac, width, seed, a
     k = max(1, round(k_frac * n))
     exclude = random_exclude(batch, n, width, seed) if width else None
     assert_same_topk(S, codes, k, exclude, algorithm)
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=fuzz_ops.cases())
+def test_fuzz_ops_against_reference(case):
+    # bench/fuzz_ops.py runs the same cases by the ten thousand (docs/cpu-kernel.md)
+    fuzz_ops.check_case(case)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_result_does_not_depend_on_the_thread_count(threads):
+    # more helpers than cores: chunks land on threads in any order, the merge must not care
+    S, codes = random_problem(3, 70_001, 8, 256, seed=9, integer_scores=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_same_topk(S, codes, 20, random_exclude(3, 70_001, 9, seed=9))
+        assert torch.equal(ops.pq_scores(S, codes, backend="cpu"), ops.pq_scores(S, codes, backend="reference"))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_concurrent_callers_share_the_helper_pool():
+    S, codes = random_problem(2, 50_000, 8, 256, seed=10)
+    expected = ops.pq_topk(S, codes, 10, backend="reference")
+    results = []
+
+    def caller():
+        for _ in range(10):
+            results.append(ops.pq_topk(S, codes, 10, backend="cpu"))
+
+    callers = [threading.Thread(target=caller) for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert len(results) == 40 and all(torch.equal(r[1], expected[1]) for r in results)
+
+
+def test_forked_child_runs_without_the_parents_helpers():
+    # the child has none of the parent's pool threads; the caller does the work itself, no deadlock
+    script = (
+        "import os, torch\n"
+        "from recjpq import ops\n"
+        "S = torch.randn(1, 8, 256); codes = torch.randint(0, 256, (200_000, 8), dtype=torch.uint8)\n"
+        "expected = ops.pq_topk(S, codes, 10, backend='cpu')\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    ok = torch.equal(ops.pq_topk(S, codes, 10, backend='cpu')[1], expected[1])\n"
+        "    os._exit(0 if ok else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "raise SystemExit(os.waitstatus_to_exitcode(status))\n")
+    proc = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("shape", [(1, 512), (3, 5, 24), (24,), (0, 24)])
+def test_subitem_scores_kernel_matches_einsum(shape):
+    query, centroids = torch.randn(*shape), torch.randn(8, 300, shape[-1] // 8)
+    S = ops.subitem_scores(query, centroids)  # float32, no grad: the C++ kernel
+    chunks = query.reshape(*shape[:-1], 8, shape[-1] // 8)
+    torch.testing.assert_close(S, torch.einsum("...md,mkd->...mk", chunks, centroids), rtol=1e-5, atol=1e-5)
+    centroids.requires_grad_()
+    ops.subitem_scores(query, centroids).sum().backward()  # needs a gradient: einsum, differentiable
+    assert centroids.grad is not None

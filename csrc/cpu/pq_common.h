@@ -132,5 +132,7 @@ auto dispatch_codes(at::ScalarType dtype, Fn&& fn) {
 }
 
 void check_table(const at::Tensor& S, int64_t M);
+// The blocked layout of N items that block_codes returns: contiguous [ceil(N / kBlock), M, kBlock].
+void check_blocked(const at::Tensor& blocked, int64_t n);
 
 }  // namespace recjpq_cpu

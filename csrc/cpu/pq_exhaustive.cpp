@@ -1,13 +1,16 @@
 // Exhaustive fused PQ scoring and top-k over the blocked code layout.
 //
-// Work is a grid of (item range x query group) tasks, one per thread: with B = 1 every thread scans
-// its own slice of the catalogue; with B > 1 each thread scores a chunk of codes (kept in L1/L2) for
-// every query of its group before moving on, so one load of the codes serves the whole batch.
-// Each (task, query) keeps an AscendingTopK whose threshold filters most items inside the SIMD
-// scorer; the buffers are merged per query at the end. Memory is O(threads x B x k), never B x N.
+// The catalogue is cut into chunks of 2,048 items, shared out by caller-runs work sharing
+// (work_sharing.h): the calling thread scans chunks itself and never waits for a helper thread the
+// OS has not scheduled yet. A chunk is scored for every query (of its group) before the next, so
+// one load of its codes (kept in L1/L2) serves the whole batch. Each (thread slot, query) keeps an
+// AscendingTopK whose threshold filters most items inside the SIMD scorer; the buffers are merged
+// per query at the end. Memory is O(threads x B x k), never B x N.
 #include "pq_common.h"
 
 #include <ATen/Parallel.h>
+
+#include "work_sharing.h"
 
 namespace recjpq_cpu {
 
@@ -47,10 +50,6 @@ void check_table(const at::Tensor& S, int64_t M) {
   TORCH_CHECK(S.size(1) == M, "recjpq_cpu: S has M=", S.size(1), " splits but the codes have ", M);
 }
 
-namespace {
-
-constexpr int64_t kChunkBlocks = 32;  // 2048 items per chunk: M=8 uint8 codes take 16 KB (L1)
-
 void check_blocked(const at::Tensor& blocked, int64_t n) {
   TORCH_CHECK(blocked.device().is_cpu() && blocked.dim() == 3 && blocked.size(2) == kBlock && blocked.is_contiguous(),
               "recjpq_cpu: blocked codes must be a contiguous CPU tensor [num_blocks, M, ", kBlock, "]");
@@ -58,51 +57,76 @@ void check_blocked(const at::Tensor& blocked, int64_t n) {
               "recjpq_cpu: blocked codes hold ", blocked.size(0), " blocks, which does not fit N=", n);
 }
 
-// Tasks: `parts` contiguous block ranges x `groups` contiguous query ranges, parts * groups <= threads.
+namespace {
+
+constexpr int64_t kChunkBlocks = 32;  // 2048 items per chunk: M=8 uint8 codes take 16 KB (L1)
+
+// Units of work for run_units: chunks of kChunkBlocks blocks x query groups, numbered group-major so
+// that each slot meets a query's items in ascending order. Queries are split into groups only when
+// the catalogue has fewer chunks than threads; otherwise a unit serves every query from one load
+// of its codes.
 struct Grid {
-  int64_t parts, groups, num_blocks, batch;
-  Grid(int64_t num_blocks_, int64_t batch_) : num_blocks(num_blocks_), batch(batch_) {
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    parts = std::max<int64_t>(1, std::min(threads, num_blocks / 4));
-    groups = std::max<int64_t>(1, std::min(batch, threads / parts));
+  int64_t chunks, groups, num_blocks, batch;
+  int threads;
+  Grid(int64_t num_blocks_, int64_t batch_)
+      : chunks((num_blocks_ + kChunkBlocks - 1) / kChunkBlocks), num_blocks(num_blocks_), batch(batch_),
+        threads(work_threads()) {
+    groups = chunks >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(batch, threads));
   }
-  int64_t tasks() const { return parts * groups; }
-  int64_t block_begin(int64_t part) const { return num_blocks * part / parts; }
-  int64_t query_begin(int64_t group) const { return batch * group / groups; }
+  int64_t units() const { return chunks * groups; }
 };
 
-// Runs body(block_begin, block_end, query_begin, query_end, part) for every task, in parallel.
+// Runs body(block_begin, block_end, query_begin, query_end, slot) for every unit, caller-runs
+// (waiting for helpers: pq_scores writes into the caller's output).
 template <typename Body>
-void for_each_task(const Grid& grid, Body&& body) {
-  at::parallel_for(0, grid.tasks(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t part = t % grid.parts, group = t / grid.parts;
-      body(grid.block_begin(part), grid.block_begin(part + 1), grid.query_begin(group), grid.query_begin(group + 1),
-           part);
-    }
-  });
+void for_each_unit(const Grid& grid, Body&& body) {
+  auto unit_fn = [&](int64_t unit, int slot) {
+    const int64_t chunk = unit % grid.chunks, group = unit / grid.chunks;
+    body(chunk * kChunkBlocks, std::min(grid.num_blocks, (chunk + 1) * kChunkBlocks), grid.batch * group / grid.groups,
+         grid.batch * (group + 1) / grid.groups, slot);
+  };
+  run_units(grid.units(), grid.threads, unit_fn);
 }
 
-at::Tensor block_codes(const at::Tensor& codes) {
-  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 2 && codes.size(0) >= 1,
-              "recjpq_cpu: codes must be a CPU tensor [N, M] with N >= 1");
+// The private snapshot every cpu kernel reads: the codes copied once into the scan layout, with the
+// smallest and largest code of that copy. The range is computed on the copy, not on the caller's
+// tensor, so a thread writing to the codes meanwhile can make the snapshot stale, never unchecked.
+std::tuple<at::Tensor, int64_t, int64_t> block_codes(const at::Tensor& codes) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 2 && codes.size(0) >= 1 && codes.size(1) >= 1,
+              "recjpq_cpu: codes must be a CPU tensor [N, M] with N, M >= 1");
   const at::Tensor rows = codes.contiguous();
   const int64_t n = rows.size(0), M = rows.size(1), num_blocks = (n + kBlock - 1) / kBlock;
+  constexpr int64_t kGrain = 256;  // blocks per parallel unit
+  const int64_t units = (num_blocks + kGrain - 1) / kGrain;
+  std::vector<int64_t> lo(units), hi(units);
   // padding items get code 0 (a valid sub-id); the kernels never report them
   at::Tensor blocked = at::zeros({num_blocks, M, kBlock}, rows.options());
   dispatch_codes(rows.scalar_type(), [&](auto tag) {
     using CodeT = decltype(tag);
     const CodeT* src = rows.data_ptr<CodeT>();
     CodeT* dst = blocked.data_ptr<CodeT>();
-    at::parallel_for(0, num_blocks, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t width = std::min(kBlock, n - b * kBlock);
-        for (int64_t j = 0; j < width; ++j)
-          for (int64_t m = 0; m < M; ++m) dst[(b * M + m) * kBlock + j] = src[(b * kBlock + j) * M + m];
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        CodeT mn = std::numeric_limits<CodeT>::max(), mx = std::numeric_limits<CodeT>::lowest();
+        for (int64_t b = u * kGrain; b < std::min(num_blocks, (u + 1) * kGrain); ++b) {
+          const int64_t width = std::min(kBlock, n - b * kBlock);
+          CodeT* block = dst + b * M * kBlock;
+          for (int64_t j = 0; j < width; ++j)
+            for (int64_t m = 0; m < M; ++m) block[m * kBlock + j] = src[(b * kBlock + j) * M + m];
+          // the range of what was copied, read back from the private block (still in L1)
+          for (int64_t m = 0; m < M; ++m) {
+            for (int64_t j = 0; j < width; ++j) {
+              mn = std::min(mn, block[m * kBlock + j]);
+              mx = std::max(mx, block[m * kBlock + j]);
+            }
+          }
+        }
+        lo[u] = mn;
+        hi[u] = mx;
       }
     });
   });
-  return blocked;
+  return {blocked, *std::min_element(lo.begin(), lo.end()), *std::max_element(hi.begin(), hi.end())};
 }
 
 at::Tensor pq_scores(const at::Tensor& S, const at::Tensor& blocked, int64_t n, c10::string_view simd) {
@@ -119,17 +143,16 @@ at::Tensor pq_scores(const at::Tensor& S, const at::Tensor& blocked, int64_t n, 
     const float* table = S.data_ptr<float>();
     float* scores = out.data_ptr<float>();
     const Grid grid(blocked.size(0), batch);
-    for_each_task(grid, [&](int64_t blk0, int64_t blk1, int64_t q0, int64_t q1, int64_t) {
-      std::vector<float> tail(kChunkBlocks * kBlock);
-      for (int64_t c = blk0; c < blk1; c += kChunkBlocks) {
-        const int64_t nb = std::min(kChunkBlocks, blk1 - c), first = c * kBlock;
-        const int64_t width = std::min(nb * kBlock, n - first);
-        for (int64_t q = q0; q < q1; ++q) {
-          float* row = scores + q * n + first;
-          const bool whole = width == nb * kBlock;  // write in place unless the chunk runs past N
-          score(codes + c * M * kBlock, nb, M, table + q * M * K, K, 0.0f, whole ? row : tail.data(), nullptr);
-          if (!whole) std::memcpy(row, tail.data(), width * sizeof(float));
-        }
+    std::vector<float> tails(grid.threads * kChunkBlocks * kBlock);  // per slot
+    for_each_unit(grid, [&](int64_t c, int64_t blk1, int64_t q0, int64_t q1, int slot) {
+      float* tail = tails.data() + slot * kChunkBlocks * kBlock;
+      const int64_t nb = blk1 - c, first = c * kBlock;
+      const int64_t width = std::min(nb * kBlock, n - first);
+      for (int64_t q = q0; q < q1; ++q) {
+        float* row = scores + q * n + first;
+        const bool whole = width == nb * kBlock;  // write in place unless the chunk runs past N
+        score(codes + c * M * kBlock, nb, M, table + q * M * K, K, 0.0f, whole ? row : tail, nullptr);
+        if (!whole) std::memcpy(row, tail, width * sizeof(float));
       }
     });
   });
@@ -173,81 +196,102 @@ class ByteTable {
   double base_, step_, slack_;
 };
 
+// One pq_topk call's scan: everything a unit touches, owned here (tensors by reference count), because
+// a helper revoked for being slow may still finish its unit after pq_topk has returned
+// (run_units_revocable). Slots [0, threads] each keep an AscendingTopK per query.
+template <typename CodeT>
+struct TopkScan {
+  at::Tensor S, blocked;  // held so that their memory outlives any late helper
+  int64_t n, k, M, K, batch;
+  Grid grid;
+  ExcludeLists excluded;
+  ScoreBlocksFn<CodeT> score;
+  FilterBlocksFn filter;
+  std::vector<ByteTable> bytes;
+  std::vector<AscendingTopK> found;  // [slot, query]
+  std::vector<float> slot_scores;
+  std::vector<uint64_t> slot_masks;
+
+  TopkScan(const at::Tensor& S_, const at::Tensor& blocked_, int64_t n_, int64_t k_,
+           const c10::optional<at::Tensor>& exclude, Simd level)
+      : S(S_), blocked(blocked_), n(n_), k(k_), M(blocked_.size(1)), K(S_.size(2)), batch(S_.size(0)),
+        grid(blocked_.size(0), S_.size(0)), excluded(exclude, S_.size(0)), score(score_blocks_fn<CodeT>(level)),
+        // uint8 codes on AVX-512 VBMI: filter on byte tables, rescore the few survivors exactly
+        filter(std::is_same<CodeT, uint8_t>::value && K <= 256 && M * 255 <= 65535 ? filter_blocks_fn(level) : nullptr),
+        found((grid.threads + 1) * batch, AscendingTopK(k_)),
+        slot_scores((grid.threads + 1) * kChunkBlocks * kBlock),
+        slot_masks((grid.threads + 1) * kChunkBlocks) {
+    if (filter) {
+      bytes.reserve(batch);
+      for (int64_t q = 0; q < batch; ++q) bytes.emplace_back(S.data_ptr<float>() + q * M * K, M, K);
+    }
+  }
+
+  void unit(int64_t u, int slot) {
+    const int64_t c = (u % grid.chunks) * kChunkBlocks, group = u / grid.chunks;
+    const int64_t nb = std::min(grid.num_blocks, c + kChunkBlocks) - c;
+    const int64_t q0 = batch * group / grid.groups, q1 = batch * (group + 1) / grid.groups;
+    float* scores = slot_scores.data() + slot * kChunkBlocks * kBlock;
+    uint64_t* masks = slot_masks.data() + slot * kChunkBlocks;
+    const CodeT* chunk = blocked.data_ptr<CodeT>() + c * M * kBlock;
+    for (int64_t q = q0; q < q1; ++q) {
+      AscendingTopK& best = found[slot * batch + q];
+      const float* Sq = S.data_ptr<float>() + q * M * K;
+      if (filter) {
+        filter(reinterpret_cast<const uint8_t*>(chunk), nb, M, bytes[q].data(), bytes[q].threshold(best.threshold()),
+               masks);
+      } else {
+        score(chunk, nb, M, Sq, K, best.threshold(), scores, masks);
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        for (uint64_t mask = masks[b]; mask; mask &= mask - 1) {
+          const int64_t j = __builtin_ctzll(mask), item = (c + b) * kBlock + j;
+          if (item >= n) break;
+          if (excluded.contains(q, item)) continue;
+          if (!filter) {
+            best.push(scores[b * kBlock + j], item);
+            continue;
+          }
+          const CodeT* ic = chunk + b * M * kBlock + j;  // item's code in split m: ic[m * kBlock]
+          float s = Sq[ic[0]];
+          for (int64_t m = 1; m < M; ++m) s += Sq[m * K + ic[m * kBlock]];
+          best.push(s, item);
+        }
+      }
+    }
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor& blocked, int64_t n, int64_t k,
                                            const c10::optional<at::Tensor>& exclude, c10::string_view simd) {
   check_blocked(blocked, n);
-  const int64_t M = blocked.size(1);
-  check_table(S, M);
+  check_table(S, blocked.size(1));
   TORCH_CHECK(k >= 1 && k <= n, "recjpq_cpu: k must be in [1, N=", n, "], got ", k);
-  const int64_t batch = S.size(0), K = S.size(2);
+  const int64_t batch = S.size(0);
   const Simd level = parse_simd(std::string(simd));
-  const ExcludeLists excluded(exclude, batch);
-  const Grid grid(blocked.size(0), batch);
-  std::vector<AscendingTopK> found(grid.parts * batch, AscendingTopK(k));  // [part, query]
-  const float* table = S.data_ptr<float>();
-
-  // uint8 codes on AVX-512 VBMI: filter on byte tables, rescore the few survivors exactly
-  const FilterBlocksFn filter =
-      blocked.scalar_type() == at::kByte && K <= 256 && M * 255 <= 65535 ? filter_blocks_fn(level) : nullptr;
-  std::vector<ByteTable> bytes;
-  if (filter) {
-    bytes.reserve(batch);
-    for (int64_t q = 0; q < batch; ++q) bytes.emplace_back(table + q * M * K, M, K);
-  }
-
-  dispatch_codes(blocked.scalar_type(), [&](auto tag) {
-    using CodeT = decltype(tag);
-    const auto score = score_blocks_fn<CodeT>(level);
-    const CodeT* codes = blocked.data_ptr<CodeT>();
-    for_each_task(grid, [&](int64_t blk0, int64_t blk1, int64_t q0, int64_t q1, int64_t part) {
-      std::vector<float> scores(kChunkBlocks * kBlock);
-      std::vector<uint64_t> masks(kChunkBlocks);
-      for (int64_t c = blk0; c < blk1; c += kChunkBlocks) {
-        const int64_t nb = std::min(kChunkBlocks, blk1 - c);
-        const CodeT* chunk = codes + c * M * kBlock;
-        for (int64_t q = q0; q < q1; ++q) {
-          AscendingTopK& best = found[part * batch + q];
-          const float* Sq = table + q * M * K;
-          if (filter) {
-            filter(reinterpret_cast<const uint8_t*>(chunk), nb, M, bytes[q].data(),
-                   bytes[q].threshold(best.threshold()), masks.data());
-          } else {
-            score(chunk, nb, M, Sq, K, best.threshold(), scores.data(), masks.data());
-          }
-          for (int64_t b = 0; b < nb; ++b) {
-            for (uint64_t mask = masks[b]; mask; mask &= mask - 1) {
-              const int64_t j = __builtin_ctzll(mask), item = (c + b) * kBlock + j;
-              if (item >= n) break;
-              if (excluded.contains(q, item)) continue;
-              if (!filter) {
-                best.push(scores[b * kBlock + j], item);
-                continue;
-              }
-              const CodeT* ic = chunk + b * M * kBlock + j;  // item's code in split m: ic[m * kBlock]
-              float s = Sq[ic[0]];
-              for (int64_t m = 1; m < M; ++m) s += Sq[m * K + ic[m * kBlock]];
-              best.push(s, item);
-            }
-          }
-        }
-      }
-    });
-  });
-
   at::Tensor values = at::empty({batch, k}, S.options());
   at::Tensor indices = at::empty({batch, k}, S.options().dtype(at::kLong));
   float* vals = values.data_ptr<float>();
   int64_t* ids = indices.data_ptr<int64_t>();
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> keys;
-    for (int64_t q = begin; q < end; ++q) {
-      keys.clear();
-      for (int64_t p = 0; p < grid.parts; ++p) {
-        const auto& part_keys = found[p * batch + q].keys();
-        keys.insert(keys.end(), part_keys.begin(), part_keys.end());
+  dispatch_codes(blocked.scalar_type(), [&](auto tag) {
+    using Scan = TopkScan<decltype(tag)>;
+    auto scan = std::make_shared<Scan>(S, blocked, n, k, exclude, level);
+    const int threads = scan->grid.threads;
+    const std::vector<char> counted = run_units_revocable(
+        scan->grid.units(), threads, [](void* ctx, int64_t u, int slot) { static_cast<Scan*>(ctx)->unit(u, slot); },
+        scan);
+    // per query, the candidates of every counted slot: packed keys are a total order, so the answer
+    // does not depend on which thread scanned which chunk
+    auto merge = [&](int64_t q, int) {
+      std::vector<int64_t> keys;
+      for (int slot = 0; slot <= threads; ++slot) {
+        if (!counted[slot]) continue;
+        const auto& slot_keys = scan->found[slot * batch + q].keys();
+        keys.insert(keys.end(), slot_keys.begin(), slot_keys.end());
       }
       write_topk(keys, k, vals + q * k, ids + q * k);
-    }
+    };
+    run_units(batch, threads, merge);
   });
   return {values, indices};
 }
@@ -264,7 +308,7 @@ std::string simd_resolved_op(c10::string_view name) { return simd_name(parse_sim
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(recjpq_cpu, m) {
-  m.def("block_codes(Tensor codes) -> Tensor", &block_codes);
+  m.def("block_codes(Tensor codes) -> (Tensor, int, int)", &block_codes);
   m.def("pq_scores(Tensor S, Tensor blocked, int n, str simd) -> Tensor", &pq_scores);
   m.def("pq_topk(Tensor S, Tensor blocked, int n, int k, Tensor? exclude, str simd) -> (Tensor, Tensor)", &pq_topk);
   m.def("simd_supported(str level) -> bool", &simd_supported_op);

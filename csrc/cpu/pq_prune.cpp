@@ -17,35 +17,47 @@ namespace {
 
 constexpr int64_t kPrefetch = 16;  // items ahead in a posting list whose codes are prefetched
 
-// CSR per split: items whose code in split m is j are items[m * N + offsets[m, j] .. offsets[m, j + 1]),
-// ascending. Built once per codes tensor.
-std::tuple<at::Tensor, at::Tensor> inverted_index(const at::Tensor& codes, int64_t num_codes) {
-  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 2 && codes.is_contiguous(),
-              "recjpq_cpu: codes must be a contiguous CPU tensor [N, M]");
-  const int64_t n = codes.size(0), M = codes.size(1);
+// The pruning index, derived from the blocked snapshot of the codes (block_codes), never from the
+// caller's tensor, which another thread may change between two reads: CSR per split, where the items
+// whose code in split m is j are items[m * N + offsets[m, j] .. offsets[m, j + 1]), ascending; and
+// `rows`, the same snapshot row-major [N, M], from which the kernel reads a reached item's M codes
+// in one cache line. Built once per snapshot and K.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_index(const at::Tensor& blocked, int64_t n, int64_t num_codes) {
+  check_blocked(blocked, n);
+  const int64_t M = blocked.size(1), num_blocks = blocked.size(0);
   TORCH_CHECK(n < (int64_t{1} << 31), "recjpq_cpu: the inverted index holds int32 item ids, N=", n, " is too large");
-  at::Tensor offsets = at::zeros({M, num_codes + 1}, codes.options().dtype(at::kLong));
-  at::Tensor items = at::empty({M * n}, codes.options().dtype(at::kInt));
-  dispatch_codes(codes.scalar_type(), [&](auto tag) {
+  TORCH_CHECK(num_codes >= 1, "recjpq_cpu: num_codes must be >= 1");
+  at::Tensor offsets = at::zeros({M, num_codes + 1}, blocked.options().dtype(at::kLong));
+  at::Tensor items = at::empty({M * n}, blocked.options().dtype(at::kInt));
+  at::Tensor rows = at::empty({n, M}, blocked.options());
+  dispatch_codes(blocked.scalar_type(), [&](auto tag) {
     using CodeT = decltype(tag);
-    const CodeT* src = codes.data_ptr<CodeT>();
+    const CodeT* src = blocked.data_ptr<CodeT>();
+    auto code = [&](int64_t i, int64_t m) { return static_cast<int64_t>(src[((i / kBlock) * M + m) * kBlock + i % kBlock]); };
     int64_t* off = offsets.data_ptr<int64_t>();
     int32_t* dst = items.data_ptr<int32_t>();
     at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         int64_t* row = off + m * (num_codes + 1);
         for (int64_t i = 0; i < n; ++i) {
-          const int64_t code = src[i * M + m];
-          TORCH_CHECK(code >= 0 && code < num_codes, "recjpq_cpu: code out of range [0, ", num_codes, ")");
-          ++row[code + 1];
+          const int64_t c = code(i, m);
+          TORCH_CHECK(c >= 0 && c < num_codes, "recjpq_cpu: code out of range [0, ", num_codes, ")");
+          ++row[c + 1];
         }
         std::partial_sum(row, row + num_codes + 1, row);
         std::vector<int64_t> next(row, row + num_codes);
-        for (int64_t i = 0; i < n; ++i) dst[m * n + next[src[i * M + m]]++] = static_cast<int32_t>(i);
+        for (int64_t i = 0; i < n; ++i) dst[m * n + next[code(i, m)]++] = static_cast<int32_t>(i);
+      }
+    });
+    CodeT* out = rows.data_ptr<CodeT>();
+    at::parallel_for(0, num_blocks, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t j = 0; j < std::min(kBlock, n - b * kBlock); ++j)
+          for (int64_t m = 0; m < M; ++m) out[(b * kBlock + j) * M + m] = src[(b * M + m) * kBlock + j];
       }
     });
   });
-  return {offsets, items};
+  return {offsets, items, rows};
 }
 
 // A min-heap of the k best keys seen so far, in any item order.
@@ -72,16 +84,16 @@ class HeapTopK {
   std::vector<int64_t> keys_;
 };
 
-// Returns (values, indices, visited): visited[b] counts the items query b scored; a query that hit
+// `rows`, `offsets` and `items` come from prune_index. Returns (values, indices, visited): visited[b] counts the items query b scored; a query that hit
 // `max_visits` before its bound proved the top-k stops there and reports visited = -1 (its row is
 // then not valid, and the caller rescans it exhaustively).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pq_topk_prune(const at::Tensor& S, const at::Tensor& codes,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pq_topk_prune(const at::Tensor& S, const at::Tensor& rows,
                                                              const at::Tensor& offsets, const at::Tensor& items,
                                                              int64_t k, const c10::optional<at::Tensor>& exclude,
                                                              int64_t max_visits) {
-  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 2 && codes.is_contiguous(),
-              "recjpq_cpu: codes must be a contiguous CPU tensor [N, M]");
-  const int64_t n = codes.size(0), M = codes.size(1);
+  TORCH_CHECK(rows.device().is_cpu() && rows.dim() == 2 && rows.is_contiguous(),
+              "recjpq_cpu: rows must be the contiguous CPU tensor [N, M] that prune_index returns");
+  const int64_t n = rows.size(0), M = rows.size(1);
   check_table(S, M);
   const int64_t batch = S.size(0), K = S.size(2);
   TORCH_CHECK(k >= 1 && k <= n, "recjpq_cpu: k must be in [1, N=", n, "], got ", k);
@@ -95,22 +107,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pq_topk_prune(const at::Tensor& S
   at::Tensor indices = at::empty({batch, k}, S.options().dtype(at::kLong));
   at::Tensor visited = at::empty({batch}, S.options().dtype(at::kLong));
 
-  dispatch_codes(codes.scalar_type(), [&](auto tag) {
+  dispatch_codes(rows.scalar_type(), [&](auto tag) {
     using CodeT = decltype(tag);
-    const CodeT* rows = codes.data_ptr<CodeT>();
+    const CodeT* codes = rows.data_ptr<CodeT>();
     const int64_t* off = offsets.data_ptr<int64_t>();
     const int32_t* lists = items.data_ptr<int32_t>();
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<uint64_t> seen((n + 63) / 64);
       std::vector<int32_t> order(M * K);
+      std::vector<int64_t> sub_keys(K);
+      std::vector<float> table(M * K);  // a private copy of S[q]: the sort needs values that hold still
       std::vector<int64_t> rank(M);
       HeapTopK best(k);
       for (int64_t q = begin; q < end; ++q) {
-        const float* table = S.data_ptr<float>() + q * M * K;
+        std::memcpy(table.data(), S.data_ptr<float>() + q * M * K, M * K * sizeof(float));
         for (int64_t m = 0; m < M; ++m) {
-          int32_t* ord = order.data() + m * K;
-          std::iota(ord, ord + K, 0);
-          std::sort(ord, ord + K, [&](int32_t a, int32_t b) { return table[m * K + a] > table[m * K + b]; });
+          // sub-ids by descending score, ties to the lower sub-id: packed keys are a total order
+          for (int64_t c = 0; c < K; ++c) sub_keys[c] = pack_key(table[m * K + c], c);
+          std::sort(sub_keys.begin(), sub_keys.end(), std::greater<int64_t>());
+          for (int64_t c = 0; c < K; ++c) order[m * K + c] = static_cast<int32_t>(key_index(sub_keys[c]));
         }
         std::fill(seen.begin(), seen.end(), 0);
         std::fill(rank.begin(), rank.end(), 0);
@@ -130,14 +145,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pq_topk_prune(const at::Tensor& S
           const int32_t* list = lists + m * n;
           for (int64_t p = row[sub], last = row[sub + 1]; p < last; ++p) {
             const int64_t item = list[p];
-            if (p + kPrefetch < last) __builtin_prefetch(rows + list[p + kPrefetch] * M);  // a miss per item otherwise
+            if (p + kPrefetch < last) __builtin_prefetch(codes + list[p + kPrefetch] * M);  // a miss per item otherwise
             uint64_t& word = seen[item >> 6];
             const uint64_t bit = uint64_t{1} << (item & 63);
             if (word & bit) continue;
             word |= bit;
             ++visits;
             if (excluded.contains(q, item)) continue;
-            const CodeT* c = rows + item * M;
+            const CodeT* c = codes + item * M;
             float score = table[c[0]];
             for (int64_t s = 1; s < M; ++s) score += table[s * K + c[s]];
             best.push(pack_key(score, item));
@@ -162,8 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pq_topk_prune(const at::Tensor& S
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(recjpq_cpu, m) {
-  m.def("inverted_index(Tensor codes, int num_codes) -> (Tensor, Tensor)", &inverted_index);
-  m.def("pq_topk_prune(Tensor S, Tensor codes, Tensor offsets, Tensor items, int k, Tensor? exclude, "
+  m.def("prune_index(Tensor blocked, int n, int num_codes) -> (Tensor, Tensor, Tensor)", &prune_index);
+  m.def("pq_topk_prune(Tensor S, Tensor rows, Tensor offsets, Tensor items, int k, Tensor? exclude, "
         "int max_visits) -> (Tensor, Tensor, Tensor)",
         &pq_topk_prune);
 }

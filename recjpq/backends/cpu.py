@@ -1,7 +1,9 @@
 """The "cpu" backend: fused C++ kernels (``recjpq._C``, ops ``torch.ops.recjpq_cpu.*``).
 
-Codes are re-laid out once per codes tensor into blocks of 64 items stored split-major (cached in
-``codes_info(codes).prepared``), which the AVX-512 / AVX2 / scalar scorers read as whole registers.
+Codes are copied once per codes tensor into blocks of 64 items stored split-major (the private
+snapshot of ``recjpq._codes_cache``, range-checked on the copy), which the AVX-512 / AVX2 / scalar
+scorers read as whole registers. The kernels read that snapshot and layouts derived from it only,
+never the caller's codes, so concurrent or hidden writes to the codes cannot crash them.
 ``RECJPQ_CPU_SIMD=scalar|avx2|avx512`` forces one SIMD path (default: the best the CPU has).
 
 ``algorithm="prune"`` walks an inverted index from the best sub-ids down and stops when no unseen
@@ -15,7 +17,7 @@ import os
 
 import torch
 
-from recjpq._codes_cache import codes_info
+from recjpq._codes_cache import CodesInfo, codes_info
 
 try:
     import recjpq._C  # noqa: F401  (loads the recjpq_cpu ops)
@@ -49,54 +51,57 @@ def simd_supported(level: str) -> bool:
     return bool(torch.ops.recjpq_cpu.simd_supported(level))
 
 
-def _prepared(codes: torch.Tensor, name, build):
-    cache = codes_info(codes).prepared
-    if name not in cache:
-        cache[name] = build()
-    return cache[name]
+def snapshot(codes: torch.Tensor, num_codes: int) -> CodesInfo:
+    """The private, range-checked snapshot of ``codes`` (``recjpq._codes_cache``): the kernels below
+    read nothing else, so the range they rely on is the range of the very data they scan."""
+    info = codes_info(codes)
+    info.check_range(num_codes)
+    return info
 
 
-def blocked_codes(codes: torch.Tensor) -> torch.Tensor:
-    """The scan layout ``[ceil(N / 64), M, 64]`` of ``codes``, built once per codes tensor."""
-    return _prepared(codes, "cpu_blocked", lambda: torch.ops.recjpq_cpu.block_codes(codes))
-
-
-def inverted_index(codes: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(offsets [M, K + 1], items [M * N])``: per split, the items holding each sub-id."""
-    return _prepared(codes, ("cpu_inverted", num_codes),
-                     lambda: torch.ops.recjpq_cpu.inverted_index(codes, num_codes))
+def prune_index(info: CodesInfo, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(offsets [M, K + 1], items [M * N], rows [N, M])`` of a snapshot: per split, the items
+    holding each sub-id, and the snapshot row-major. Built once per snapshot and K."""
+    key = ("cpu_prune_index", num_codes)
+    if key not in info.prepared:
+        info.prepared[key] = torch.ops.recjpq_cpu.prune_index(info.blocked, info.n, num_codes)
+    return info.prepared[key]
 
 
 def pq_scores(S: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    return torch.ops.recjpq_cpu.pq_scores(S, blocked_codes(codes), codes.shape[0], simd_level())
+    info = snapshot(codes, S.shape[2])
+    return torch.ops.recjpq_cpu.pq_scores(S, info.blocked, info.n, simd_level())
 
 
-def _exhaustive(S, codes, k, exclude):
-    return torch.ops.recjpq_cpu.pq_topk(S, blocked_codes(codes), codes.shape[0], k, exclude, simd_level())
+def _exhaustive(S, info, k, exclude):
+    return torch.ops.recjpq_cpu.pq_topk(S, info.blocked, info.n, k, exclude, simd_level())
 
 
-def _pruned(S, codes, k, exclude, max_visits):
+def _pruned(S, info, k, exclude, max_visits):
     """Pruned top-k; queries that score ``max_visits`` items without proving their top-k are rescanned."""
-    offsets, items = inverted_index(codes, S.shape[2])
-    values, indices, visited = torch.ops.recjpq_cpu.pq_topk_prune(S, codes, offsets, items, k, exclude, max_visits)
+    offsets, items, rows = prune_index(info, S.shape[2])
+    values, indices, visited = torch.ops.recjpq_cpu.pq_topk_prune(S, rows, offsets, items, k, exclude, max_visits)
     gave_up = (visited < 0).nonzero().flatten()
     if gave_up.numel():
         rest = None if exclude is None else exclude[gave_up].contiguous()
-        values[gave_up], indices[gave_up] = _exhaustive(S[gave_up].contiguous(), codes, k, rest)
+        values[gave_up], indices[gave_up] = _exhaustive(S[gave_up].contiguous(), info, k, rest)
     return values, indices
 
 
 def pq_topk(S, codes, k, exclude=None, algorithm="auto"):
+    info = snapshot(codes, S.shape[2])
     if algorithm == "prune":
-        return _pruned(S, codes, k, exclude, max_visits=codes.shape[0])
-    return _exhaustive(S, codes, k, exclude)
+        return _pruned(S, info, k, exclude, max_visits=info.n)
+    return _exhaustive(S, info, k, exclude)
 
 
 # recjpq.ops.pq_cross_entropy: log-sum-exp over all items and its gradient (csrc/cpu/pq_cross_entropy.cpp)
 def pq_cross_entropy_forward(S, codes, scale):
-    return torch.ops.recjpq_cpu.pq_cross_entropy_forward(S, blocked_codes(codes), codes.shape[0], scale, simd_level())
+    info = snapshot(codes, S.shape[2])
+    return torch.ops.recjpq_cpu.pq_cross_entropy_forward(S, info.blocked, info.n, scale, simd_level())
 
 
 def pq_cross_entropy_backward(S, codes, lse, grad_lse, scale):
-    return torch.ops.recjpq_cpu.pq_cross_entropy_backward(S, blocked_codes(codes), codes.shape[0], lse, grad_lse,
-                                                          scale, simd_level())
+    info = snapshot(codes, S.shape[2])
+    return torch.ops.recjpq_cpu.pq_cross_entropy_backward(S, info.blocked, info.n, lse, grad_lse, scale,
+                                                          simd_level())

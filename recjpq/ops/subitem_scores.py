@@ -10,6 +10,19 @@ def score_dtype(query: torch.Tensor, embeddings: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(query.dtype, embeddings.dtype), torch.float32)
 
 
+def _cpu_inference(query: torch.Tensor, centroids: torch.Tensor) -> bool:
+    """float32 CPU inputs that need no gradient, outside torch.compile, with the cpu kernels built."""
+    if query.device.type != "cpu" or query.dtype != torch.float32 or centroids.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (query.requires_grad or centroids.requires_grad):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    from recjpq.backends import cpu
+
+    return cpu.unavailable_reason(query.device) is None
+
+
 def subitem_scores(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """The sub-item score table S: ``S[..., m, k] = query[..., m-th chunk] . centroids[m, k]``.
 
@@ -38,6 +51,9 @@ def check_subitem_args(query: torch.Tensor, centroids: torch.Tensor) -> None:
 def scores_table(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """``subitem_scores`` on arguments that passed ``check_subitem_args``."""
     m, num_codes, dsub = centroids.shape
+    if _cpu_inference(query, centroids):  # no BLAS parallel region: see csrc/cpu/subitem_scores.cpp
+        S = torch.ops.recjpq_cpu.subitem_scores(query.reshape(-1, m * dsub).contiguous(), centroids.contiguous())
+        return S.view(*query.shape[:-1], m, num_codes)
     dtype = score_dtype(query, centroids)
     # the batched matmul einsum("...md,mkd->...mk") runs, without its parsing (a third of a B = 1 call)
     chunks = query.reshape(-1, m, dsub).transpose(0, 1).to(dtype)  # [M, B', d/M]
