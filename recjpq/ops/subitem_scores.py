@@ -10,17 +10,40 @@ def score_dtype(query: torch.Tensor, embeddings: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(query.dtype, embeddings.dtype), torch.float32)
 
 
-def _cpu_inference(query: torch.Tensor, centroids: torch.Tensor) -> bool:
-    """float32 CPU inputs that need no gradient, outside torch.compile, with the cpu kernels built."""
+_CPU_KERNEL_MAX_WORK = 1 << 18
+
+
+def _cpu_kernel_applies(query: torch.Tensor, centroids: torch.Tensor) -> bool:
+    """float32 CPU inputs outside torch.compile, with the cpu kernels built. Whether gradients are
+    wanted does not matter, so a model's scores have the same bits in training and inference."""
     if query.device.type != "cpu" or query.dtype != torch.float32 or centroids.dtype != torch.float32:
-        return False
-    if torch.is_grad_enabled() and (query.requires_grad or centroids.requires_grad):
         return False
     if torch.compiler.is_compiling():
         return False
     from recjpq.backends import cpu
 
     return cpu.unavailable_reason(query.device) is None
+
+
+class _CpuSubitemScores(torch.autograd.Function):
+    """The C++ table (forward) with its gradient in torch ops."""
+
+    @staticmethod
+    def forward(ctx, query, centroids):  # query [B, d] contiguous, centroids [M, K, d/M] contiguous
+        ctx.save_for_backward(query, centroids)
+        return torch.ops.recjpq_cpu.subitem_scores(query, centroids)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_S):
+        query, centroids = ctx.saved_tensors
+        m, _, dsub = centroids.shape
+        grad_query = grad_centroids = None
+        if ctx.needs_input_grad[0]:
+            grad_query = torch.einsum("bmk,mkd->bmd", grad_S, centroids).reshape(query.shape)
+        if ctx.needs_input_grad[1]:
+            grad_centroids = torch.einsum("bmk,bmd->mkd", grad_S, query.view(-1, m, dsub))
+        return grad_query, grad_centroids
 
 
 def subitem_scores(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -51,8 +74,11 @@ def check_subitem_args(query: torch.Tensor, centroids: torch.Tensor) -> None:
 def scores_table(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """``subitem_scores`` on arguments that passed ``check_subitem_args``."""
     m, num_codes, dsub = centroids.shape
-    if _cpu_inference(query, centroids):  # no BLAS parallel region: see csrc/cpu/subitem_scores.cpp
-        S = torch.ops.recjpq_cpu.subitem_scores(query.reshape(-1, m * dsub).contiguous(), centroids.contiguous())
+    rows = query.numel() // (m * dsub) if m * dsub else 0
+    # small tables only: no BLAS parallel region to stall on a busy machine (csrc/cpu/subitem_scores.cpp),
+    # while from 4 queries on BLAS is 2-5x faster on one thread (B x d x K up to 2^18 multiply-adds)
+    if rows * num_codes * m * dsub <= _CPU_KERNEL_MAX_WORK and _cpu_kernel_applies(query, centroids):
+        S = _CpuSubitemScores.apply(query.reshape(-1, m * dsub).contiguous(), centroids.contiguous())
         return S.view(*query.shape[:-1], m, num_codes)
     dtype = score_dtype(query, centroids)
     # the batched matmul einsum("...md,mkd->...mk") runs, without its parsing (a third of a B = 1 call)
