@@ -49,7 +49,7 @@ def extensions():
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
             exts.append(CUDAExtension(
                 "recjpq._C_cuda", cuda_sources,
-                # -lineinfo: compute-sanitizer (bench/cuda_checks.sh) reports source lines
+                # -lineinfo: compute-sanitizer (bash bench/gpu.sh sanitizer) reports source lines
                 extra_compile_args={"cxx": ["-O3", "-std=c++17"],
                                     "nvcc": ["-O3", "-std=c++17", "-lineinfo", *gencode]}))
     return exts
