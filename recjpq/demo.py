@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recjpq import backends, ops
+from recjpq._threading import one_torch_thread
 from recjpq.codes import codes_dtype
 from recjpq.data import SequenceData, generate_sequences, load_interactions
 from recjpq.data.synthetic import sequence_statistics
@@ -114,16 +115,6 @@ def _runs(plan: Plan) -> list[dict]:
     return mixed + dense[len(pq):] + pq[len(dense):]
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """One torch thread: these models are too small to gain from more, and on a shared CPU
-    spinning OpenMP threads made their evaluation 6x slower (measured at load 17, 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _frontier(data: SequenceData, plan: Plan, deadline: float, progress: bool) -> list[dict]:
@@ -142,7 +133,9 @@ def _frontier(data: SequenceData, plan: Plan, deadline: float, progress: bool) -
                                        epochs=1000, patience=5, valid_users=plan.valid_users,
                                        time_limit=seconds), **plan.extra, **run})
         started = time.perf_counter()
-        with _one_thread():
+        # these models are too small to gain from more threads, and on a shared CPU spinning OpenMP threads
+        # made their evaluation 6x slower (measured at load 17, 2 cores)
+        with one_torch_thread():
             result = fit(data, config, progress=False)
         wall = time.perf_counter() - started
         overheads.append(max(wall - result.train_seconds, 0.0))

@@ -26,7 +26,6 @@ embedding is the sum of both rows (``recjpq.nn.ClusterEmbedding``).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -36,6 +35,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from recjpq._threading import one_torch_thread
 
 _DENSE_BUDGET = 1 << 22  # elements of one dense count chunk (16 MiB of float32)
 
@@ -60,16 +61,6 @@ class _Side:
         self.indptr = torch.cat([src.new_zeros(1), torch.bincount(src, minlength=num_nodes).cumsum(0)])
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Runs float reductions whose order depends on the thread count (BLAS, LAPACK, sparse products)
-    on one thread, so that the labels they feed into argsorts are the same for any thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _total(x: torch.Tensor) -> float:
@@ -268,7 +259,9 @@ def _item_spectrum(side: _Side, num_users: int, rank: int, generator, power_iter
     Runs on one thread: BLAS, LAPACK and sparse products order their float reductions by thread
     count, and these values are argsorted into labels, where a last-bit difference would reorder
     near-equal items."""
-    with _one_thread():
+    # float reductions whose order follows the thread count (BLAS, LAPACK, sparse products) feed
+    # argsorts: one thread gives the same labels for any thread count
+    with one_torch_thread():
         return _item_spectrum_unthreaded(side, num_users, rank, generator, power_iters)
 
 
