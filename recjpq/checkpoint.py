@@ -86,10 +86,10 @@ def _feed(h, value) -> None:
         h.update(f"{type(value).__name__} {value!r}\n".encode())
 
 
-def checksum(payload: dict) -> str:
-    """sha256 (hex) of a checkpoint's content: its ``PAYLOAD_KEYS`` values, tensors as raw bytes."""
+def checksum(payload: dict, keys=PAYLOAD_KEYS) -> str:
+    """sha256 (hex) of a checkpoint's content: its ``keys`` values, tensors as raw bytes."""
     h = hashlib.sha256()
-    for key in PAYLOAD_KEYS:
+    for key in keys:
         _feed(h, key)
         _feed(h, payload[key])
     return h.hexdigest()
@@ -160,7 +160,7 @@ def write_atomic(path: str | os.PathLike, payload: dict) -> None:
         raise
 
 
-def _check_config(config) -> str | None:
+def check_config(config) -> str | None:
     """What is wrong with a saved model config (types, ranges, names), or None. Sizes are
     checked later against the saved tensors."""
     if not isinstance(config, dict):
@@ -276,7 +276,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[Sequen
             raise fail("checksum mismatch: the file changed after it was written (bit flips, a bad copy)"
                        if isinstance(stored, str) else "no checksum: version 2 files must have one")
     config, codes, state_dict, meta = (payload[key] for key in PAYLOAD_KEYS)
-    problem = _check_config(config)
+    problem = check_config(config)
     if problem is not None:
         raise fail(problem)
     if codes is not None and not isinstance(codes, torch.Tensor):

@@ -35,6 +35,7 @@ from recjpq.nn.pq_embedding import PQEmbedding
 STYLES = ("recjpq", "recbole", "sasrec.pytorch")
 FORMAT = "recjpq-patched-model"
 VERSION = 1
+_CHECKED_KEYS = ("style", "table", "config", "state_dict", "meta")  # what the checksum covers, in order
 
 
 def _is_recjpq_model(model: nn.Module) -> bool:
@@ -167,7 +168,7 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) ->
     (plain values and tensors). ``load`` rebuilds it. A ``recjpq.models`` model's config is kept
     too, so it reloads without a factory, and ``recjpq.checkpoint.load_checkpoint`` (hence
     ``recjpq serve``) reads the file."""
-    from recjpq.checkpoint import write_atomic
+    from recjpq.checkpoint import checksum, write_atomic
 
     style = detect_style(model)
     pq = getattr(model, _table_attr(style))
@@ -179,6 +180,7 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) ->
     payload = {"format": FORMAT, "version": VERSION, "style": style, "table": layout,
                "config": dict(model.config) if style == "recjpq" else None,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta or {}}
+    payload["checksum"] = checksum(payload, _CHECKED_KEYS)
     write_atomic(path, payload)
 
 
@@ -202,12 +204,33 @@ def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module] | nn.Mo
 
 def from_payload(payload: dict, path, model_factory: Callable[[], nn.Module] | nn.Module | None = None
                  ) -> tuple[nn.Module, dict]:
-    """``load`` after the file is read (``recjpq.checkpoint.load_checkpoint`` comes here too)."""
-    from recjpq.checkpoint import CheckpointError
+    """``load`` after the file is read (``recjpq.checkpoint.load_checkpoint`` comes here too).
+    Anything wrong with the file itself (checksum, missing or ill-typed entries, a config that
+    builds no model) is a ``CheckpointError``, as for ``recjpq.checkpoint`` files."""
+    from recjpq.checkpoint import CheckpointError, check_config, checksum
 
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{path} has converted-model format version {payload.get('version')!r}; "
                               f"this recjpq reads version {VERSION}")
+    try:
+        stored, actual = payload.get("checksum"), checksum(payload, _CHECKED_KEYS)
+    except (KeyError, RecursionError, TypeError) as e:
+        raise CheckpointError(f"{path}: content cannot be verified ({type(e).__name__}: {e})") from None
+    if stored != actual:
+        raise CheckpointError(f"{path}: checksum mismatch: the file changed after it was written (bit flips, "
+                              "a bad copy)")
+    problem = None if payload["config"] is None else check_config(payload["config"])
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
+    try:
+        return _rebuild(payload, path, model_factory)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{path}: malformed converted-model file ({type(e).__name__}: {e})") from None
+
+
+def _rebuild(payload: dict, path, model_factory) -> tuple[nn.Module, dict]:
+    from recjpq.checkpoint import CheckpointError
+
     style, layout, state = payload["style"], payload["table"], payload["state_dict"]
     if model_factory is None:
         if payload["config"] is None:

@@ -314,3 +314,48 @@ def test_save_load_recbole_style(tmp_path):
     with torch.no_grad():
         got = loaded.full_sort_topk(interaction, 5)
     assert torch.equal(got[1], ids) and torch.equal(got[0], values)
+
+
+def test_damaged_converted_files_are_checkpoint_errors(tmp_path):
+    """Converted-model files get the checks of recjpq.checkpoint files: a checksum over their
+    content and a CheckpointError (never a KeyError / TypeError) for missing or ill-typed entries."""
+    from recjpq.checkpoint import CheckpointError, load_checkpoint
+    from recjpq.models import build_model
+    from recjpq.patch import FORMAT, load, save
+
+    model = build_model("sasrec", NUM_ITEMS, dim=DIM, max_len=MAX_LEN)
+    patch_item_scoring(model, 4, 16, iters=2)
+    good = tmp_path / "good.pt"
+    save(model, good)
+    load_checkpoint(good)  # intact: loads
+    payload = torch.load(good, weights_only=True)
+
+    def write(name, **changes):
+        path = tmp_path / f"{name}.pt"
+        torch.save({**payload, **changes}, path)
+        return path
+
+    weights = dict(payload["state_dict"])
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1.0  # one changed weight, checksum kept
+    cases = {
+        "flipped": write("flipped", state_dict=weights),
+        "no_checksum": write("no_checksum", checksum=None),
+        "no_table": tmp_path / "no_table.pt",
+        "bad_config": write("bad_config", config={**payload["config"], "max_len": -3}),
+        "table_not_dict": write("table_not_dict", table=[1, 2]),
+    }
+    torch.save({k: v for k, v in payload.items() if k != "table"}, cases["no_table"])
+    from recjpq.checkpoint import checksum
+    from recjpq.patch import _CHECKED_KEYS
+
+    for key in ("bad_config", "table_not_dict"):  # past the checksum: the content itself is wrong
+        damaged = torch.load(cases[key], weights_only=True)
+        damaged["checksum"] = checksum(damaged, _CHECKED_KEYS)
+        torch.save(damaged, cases[key])
+    assert payload["format"] == FORMAT
+    for case, path in cases.items():
+        for reader in (load_checkpoint, load):
+            with pytest.raises(CheckpointError):
+                reader(path)
