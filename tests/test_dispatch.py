@@ -158,6 +158,19 @@ def test_in_place_edits_invalidate_the_table():
     assert_matches_reference(query, centroids, codes, 5, algorithm="matmul")
 
 
+def test_hidden_codes_writes_leave_the_table_stale_but_in_bounds():
+    """A write through numpy() (no version bump) then new centroids: the table is rebuilt from the
+    validated snapshot, as the cpu scan reads it, never from the out-of-range values written."""
+    query, centroids, codes = catalogue(300, 4, 4, batch=3, dtype=torch.int32)
+    snapshot = codes.clone()
+    assert_matches_reference(query, centroids, codes, 5, algorithm="matmul")
+    codes.numpy()[:, 1] = 2**31 - 1
+    centroids = centroids * 2  # another tensor: the decoded table is built again
+    got = ops.pq_topk_query(query, centroids, codes, 5, algorithm="matmul")
+    want = ops.pq_topk_query(query, centroids, snapshot, 5, backend="reference")
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
 def test_optimizer_step_invalidates_the_table():
     torch.manual_seed(0)
     emb = PQEmbedding(torch.randint(0, 8, (400, 4), dtype=torch.uint8), 16, num_codes=8, padding_idx=0)

@@ -31,13 +31,29 @@ class DecodedTable:
     margin, and int64 codes for the rescoring."""
 
     def __init__(self, codes: torch.Tensor, centroids: torch.Tensor):
-        m = codes.shape[1]
+        m, num_codes = codes.shape[1], centroids.shape[1]
         with torch.no_grad():
+            self.codes = _validated_rows(codes, num_codes)  # decoding and rescoring read only this copy
             c = centroids.detach().float()
-            items = c[torch.arange(m, device=codes.device), codes.long()]  # [N, M, d/M]
+            items = c[torch.arange(m, device=codes.device), self.codes]  # [N, M, d/M]
             self.table = items.flatten(1).t().contiguous()
             self.abs_max = centroids.detach().double().abs().amax(dim=1).reshape(-1)  # [d]
-            self.codes = codes.long()  # for the exact rescoring
+
+
+def _validated_rows(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """int64 ``[N, M]`` codes from one private copy whose range was checked on that copy (the cpu
+    backend's snapshot where the extension is built), so a caller's write to ``codes`` during the
+    call cannot send the decoding or the rescoring to another split's or query's scores."""
+    from recjpq.backends import cpu
+
+    if cpu.unavailable_reason(codes.device) is None:
+        info = cpu.snapshot(codes, num_codes)  # [ceil(N / 64), M, 64] blocks, range-checked
+        return info.blocked.transpose(1, 2).reshape(-1, codes.shape[1])[:info.n].long()
+    rows = codes.long()  # a copy
+    lo, hi = int(rows.min()), int(rows.max())
+    if lo < 0 or hi >= num_codes:
+        raise ValueError(f"codes must lie in [0, K={num_codes}), got values in [{lo}, {hi}]")
+    return rows
 
 
 def unavailable_reason(device: torch.device) -> str | None:
