@@ -2,16 +2,12 @@
 //
 // torch's einsum hands this small product (B = 1, d = 512, K = 256: 131k multiply-adds) to a BLAS
 // parallel region, whose barrier waits for every OpenMP thread: on a busy machine one that is not
-// scheduled holds a 0.2 ms top-k call for a time slice. Here small tables are computed on the
-// calling thread alone, larger ones by caller-runs work sharing (work_sharing.h).
+// scheduled holds a 0.2 ms top-k call for a time slice. Here the table is computed on the calling
+// thread alone; recjpq.ops.subitem_scores sends only small tables here (BLAS wins from 4 queries).
 #include "pq_common.h"
-
-#include "work_sharing.h"
 
 namespace recjpq_cpu {
 namespace {
-
-constexpr int64_t kSerialWork = int64_t{1} << 22;  // multiply-adds below which one thread does it all
 
 at::Tensor subitem_scores(const at::Tensor& query, const at::Tensor& centroids) {
   TORCH_CHECK(query.device().is_cpu() && query.scalar_type() == at::kFloat && query.dim() == 2 && query.is_contiguous(),
@@ -26,7 +22,7 @@ at::Tensor subitem_scores(const at::Tensor& query, const at::Tensor& centroids) 
   const float* q = query.data_ptr<float>();
   const float* c = centroids.data_ptr<float>();
   float* out = S.data_ptr<float>();
-  auto row = [&](int64_t unit, int) {  // one (query, split): K dot products of length dsub
+  for (int64_t unit = 0; unit < batch * M; ++unit) {  // one (query, split): K dot products of length dsub
     const int64_t b = unit / M, m = unit % M;
     const float* qm = q + b * M * dsub + m * dsub;
     for (int64_t k = 0; k < K; ++k) {
@@ -36,8 +32,7 @@ at::Tensor subitem_scores(const at::Tensor& query, const at::Tensor& centroids) 
       for (int64_t j = 0; j < dsub; ++j) acc += qm[j] * ck[j];
       out[(b * M + m) * K + k] = acc;
     }
-  };
-  run_units(batch * M, batch * M * K * dsub < kSerialWork ? 1 : 0, row);
+  }
   return S;
 }
 
