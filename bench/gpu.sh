@@ -6,6 +6,9 @@
 #   bash bench/gpu.sh bench [gpu_bench.py arguments]   # setup + bench/gpu_bench.py (--quick default)
 #   bash bench/gpu.sh dispatch             # setup + bench/cuda_dispatch_table.py (gpu_dispatch.json)
 #   bash bench/gpu.sh models DATA_FILE [recjpq train arguments...]   # setup + docs/models.md tables
+#   bash bench/gpu.sh session [SECONDS]    # one lease's worth (default 540 s): setup, the GPU test
+#                                          # files, memcheck/racecheck/synccheck, the issue's timings
+#                                          # and the dispatch table, each step inside what is left
 #   bash bench/gpu.sh budgets              # prints every stage's worst case and their sum
 # DRY_RUN=1 prints each step and its time limit instead of running it (works without a GPU).
 # Worst cases: setup is at most SETUP_S (240 s: pip installs and the CUDA extension build, each
@@ -114,6 +117,42 @@ run_models() {
   done
 }
 
+# the test files that touch the GPU (the rest of the suite is CPU-only and runs in CI)
+GPU_TESTS=(tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_triton_decode.py
+           tests/test_pq_cross_entropy.py tests/test_validation.py tests/test_dispatch.py)
+SANITIZER_K="matches_reference or exclusions_and_short_tails or rejects_bad_plans"
+
+# left DEADLINE RESERVE: seconds until DEADLINE (a $SECONDS value) minus RESERVE, at least 1
+left() { local n=$(( $1 - SECONDS - $2 )); [ $n -lt 1 ] && n=1; echo $n; }
+cap() { [ "$1" -lt "$2" ] && echo "$1" || echo "$2"; }
+
+# session [SECONDS]: the stages in one command, in order of worth (correctness, sanitizers, timings,
+# dispatch table), each step capped by its own limit and by the time left; a step that runs out
+# of time fails on its own and the next still runs.
+run_session() {
+  local total=${1:-540} deadline
+  deadline=$((SECONDS + total))
+  export MAX_JOBS=${MAX_JOBS:-16} RECJPQ_CUDA_ARCHS=${RECJPQ_CUDA_ARCHS:-90}
+  setup
+  step "pytest GPU test files" "$(cap 140 "$(left $deadline 300)")" "$PY" -m pytest -q -rs -p no:cacheprovider \
+    "${GPU_TESTS[@]}" --junitxml="$OUT/pytest.xml" -k "not full_scale"
+  local sanitizer tool
+  sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+  for tool in memcheck racecheck synccheck; do
+    if [ -z "$sanitizer" ] && [ "$DRY_RUN" != 1 ]; then skip "$tool: compute-sanitizer not found"; status=1; continue; fi
+    step "compute-sanitizer $tool" "$(cap 60 "$(left $deadline 190)")" "${sanitizer:-compute-sanitizer}" \
+      --tool "$tool" --error-exitcode 3 "$PY" -m pytest -q tests/test_cuda_backend.py -p no:cacheprovider \
+      -k "($SANITIZER_K) and not emulated"
+  done
+  local bench_s
+  bench_s=$(left $deadline 80)
+  step "bench/gpu_bench.py (issue 22's shapes)" "$bench_s" "$PY" bench/gpu_bench.py --budget-s $((bench_s - 45)) \
+    --out "$OUT" --n 1271638 10000000 --m 8 --b 1 16 64 1024 --k 10 100
+  step "bench/cuda_dispatch_table.py --quick" "$(left $deadline 5)" "$PY" bench/cuda_dispatch_table.py --quick \
+    --budget-s $(( $(left $deadline 5) - 30 ))
+  [ "$DRY_RUN" = 1 ] || cp recjpq/backends/gpu_dispatch.json "$OUT/" 2>/dev/null
+}
+
 budgets() {
   local total=0 stage work
   for stage in test:$TEST_S sanitizer:$SANITIZER_S bench:$BENCH_S dispatch:$DISPATCH_S models:$MODELS_S; do
@@ -129,9 +168,10 @@ case "$STAGE" in
   sanitizer) setup; run_sanitizer ;;
   bench) setup; run_bench "$@" ;;
   dispatch) setup; run_dispatch ;;
+  session) run_session "$@" ;;
   models) if [ "${DEVICE:-cuda}" = cpu ]; then skip "setup (DEVICE=cpu)"; else setup; fi; run_models "$@" ;;
   budgets) budgets; exit 0 ;;
-  *) echo "usage: bash bench/gpu.sh test|sanitizer|bench [gpu_bench.py args]|dispatch|models DATA_FILE [args]|budgets"
+  *) echo "usage: bash bench/gpu.sh test|sanitizer|bench [gpu_bench.py args]|dispatch|session [SECONDS]|models DATA_FILE [args]|budgets"
      exit 2 ;;
 esac
 echo "== stage $STAGE done in ${SECONDS}s, status $status"
