@@ -5,7 +5,11 @@ For each shape (op, B, N, M, k) it times every available GPU backend of ``pq_top
 ``recjpq/backends/gpu_dispatch.json`` (read by ``recjpq.backends.resolve`` when ``backend=None``)
 and a copy with the machine described under ``${OUT:-bench/results}``.
 
-    python bench/cuda_dispatch_table.py [--quick] [--budget-s 240]
+    python bench/cuda_dispatch_table.py [--quick] [--budget-s 240] [--from-gpu-bench JSON ...]
+
+``--from-gpu-bench`` adds the pq_topk shapes that bench/gpu_bench.py timed (its recjpq:cuda and
+recjpq:triton columns; both include building S from the queries, so their order is the kernels')
+to the table, with or without new measurements (``--budget-s 0`` measures none).
 """
 from __future__ import annotations
 
@@ -76,16 +80,47 @@ def measure(grid: dict, budget_s: float) -> list[dict]:
     return entries
 
 
+def entries_from_gpu_bench(path: str) -> list[dict]:
+    """pq_topk entries from a bench/gpu_bench.py JSON: each shape where both GPU backends were timed."""
+    with open(path) as f:
+        report = json.load(f)
+    entries = []
+    for row in report["results"]:
+        ms = {name: round(row.get("ms", {})[f"recjpq:{name}"], 4) for name in GPU_BACKENDS
+              if f"recjpq:{name}" in row.get("ms", {})}
+        if len(ms) == len(GPU_BACKENDS):
+            entries.append({"op": "pq_topk", "B": row["batch"], "N": row["n"], "M": row["m"], "k": row["k"], "ms": ms,
+                            "source": os.path.basename(path)})
+    return entries
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller sweep")
     parser.add_argument("--budget-s", type=float, default=240.0, help="start no new shape after this many seconds")
     parser.add_argument("--table", default=_gpu_dispatch.TABLE_PATH, help="where the dispatch table goes")
+    parser.add_argument("--from-gpu-bench", nargs="+", default=[], metavar="JSON",
+                        help="also take the pq_topk shapes of these bench/gpu_bench.py reports")
+    parser.add_argument("--from-table", nargs="+", default=[], metavar="JSON",
+                        help="also keep the entries of these earlier tables (same device)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("cuda_dispatch_table.py needs a CUDA device")
-    entries = measure(QUICK if args.quick else FULL, args.budget_s)
-    table = {"device": torch.cuda.get_device_name(), "machine": machine(),
+    entries, device, described = [], None, None
+    for path in args.from_table:
+        with open(path) as f:
+            earlier = json.load(f)
+        entries += earlier["entries"]
+        device, described = earlier["device"], earlier["machine"]
+    for path in args.from_gpu_bench:
+        entries += entries_from_gpu_bench(path)
+        with open(path) as f:
+            described = json.load(f)["machine"]
+        device = described.get("gpu", device)
+    if args.budget_s > 0:
+        if not torch.cuda.is_available():
+            sys.exit("cuda_dispatch_table.py needs a CUDA device to measure (or --budget-s 0 with --from-*)")
+        entries += measure(QUICK if args.quick else FULL, args.budget_s)
+        device, described = torch.cuda.get_device_name(), machine()
+    table = {"device": device, "machine": described,
              "note": "written by bench/cuda_dispatch_table.py; ms = median CUDA-event time per call",
              "entries": entries}
     with open(args.table, "w") as f:

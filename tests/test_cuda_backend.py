@@ -504,7 +504,8 @@ def test_pq_topk_fuzz(batch, n, m, k, num_codes, excluded, seed):
     k = min(k, n)
     S, codes = random_problem(batch, n, m, num_codes, seed=seed, integer_scores=seed % 2 == 0)
     exclude = torch.randint(-1, n, (batch, excluded), generator=torch.Generator().manual_seed(seed))
-    values, indices = ops.pq_topk(*_on_gpu(S, codes, exclude), k, backend="cuda")
+    S_gpu, codes_gpu, exclude_gpu = _on_gpu(S, codes, exclude)
+    values, indices = ops.pq_topk(S_gpu, codes_gpu, k, exclude=exclude_gpu, backend="cuda")
     ref_values, ref_indices = reference.pq_topk(S, codes, k, exclude)
     assert torch.equal(values.cpu(), ref_values) and torch.equal(indices.cpu(), ref_indices)
 
