@@ -24,9 +24,12 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.peers import Catalogue, dense_topk, faiss_index_pq, faiss_topk, machine, split_loop_topk
 from recjpq import ops

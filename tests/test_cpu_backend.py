@@ -118,6 +118,22 @@ def test_layout_rebuilt_after_in_place_edit():
     assert torch.equal(after, ops.pq_scores(S, codes, backend="reference"))
 
 
+@pytest.mark.parametrize("algorithm", ("exhaustive", "prune"))
+@pytest.mark.parametrize("bad", ["nan", "inf", "exclude below -1", "exclude = N"])
+def test_kernels_check_the_values_they_scan(simd, algorithm, bad):
+    """recjpq.ops skips its Python pass over S and exclude for this backend: the C++ ops check the
+    data they scan, with the same ValueErrors, and their results stay right when nothing is bad."""
+    S, codes = random_problem(2, 300, 4, 16, seed=3)
+    exclude = random_exclude(2, 300, 5, seed=3)
+    if bad in ("nan", "inf"):
+        S[1, 2, 7] = float(bad)
+    else:
+        exclude[1, 3] = -2 if bad == "exclude below -1" else 300
+    match = "S contains non-finite" if bad in ("nan", "inf") else r"exclude ids must be in \[-1, N=300\)"
+    with pytest.raises(ValueError, match=match):
+        ops.pq_topk(S, codes, 10, exclude=exclude, backend="cpu", algorithm=algorithm)
+
+
 def test_forcing_a_bad_simd_path_is_a_clear_error(monkeypatch):
     S, codes = random_problem(1, 10, 2, 4)
     monkeypatch.setenv(cpu.SIMD_ENV, "sse9")

@@ -62,6 +62,13 @@ class AscendingTopK {
 
   const std::vector<int64_t>& keys() const { return keys_; }
 
+  // Until k keys are kept the threshold is -inf and filters nothing; once at least k are pushed,
+  // settle() makes it the k-th best now rather than at the next shrink. Returns whether it is finite.
+  bool settle() {
+    if (threshold_ == -std::numeric_limits<float>::infinity() && static_cast<int64_t>(keys_.size()) >= k_) shrink();
+    return threshold_ > -std::numeric_limits<float>::infinity();
+  }
+
  private:
   void shrink() {
     std::nth_element(keys_.begin(), keys_.begin() + (k_ - 1), keys_.end(), std::greater<int64_t>());
@@ -74,10 +81,10 @@ class AscendingTopK {
   std::vector<int64_t> keys_;
 };
 
-// The sorted non-negative ids of each query's exclude row.
+// The sorted non-negative ids of each query's exclude row, checked to lie in [-1, n) (ValueError).
 class ExcludeLists {
  public:
-  ExcludeLists(const c10::optional<at::Tensor>& exclude, int64_t batch);
+  ExcludeLists(const c10::optional<at::Tensor>& exclude, int64_t batch, int64_t n);
   bool contains(int64_t query, int64_t item) const {
     if (lists_.empty()) return false;
     const auto& ids = lists_[query];
@@ -132,6 +139,9 @@ auto dispatch_codes(at::ScalarType dtype, Fn&& fn) {
 }
 
 void check_table(const at::Tensor& S, int64_t M);
+// ValueError if S holds a nan or inf: the top-k kernels check the very table they then scan, so
+// recjpq.ops skips its Python pass over S for them.
+void check_finite(const at::Tensor& S);
 // The blocked layout of N items that block_codes returns: contiguous [ceil(N / kBlock), M, kBlock].
 void check_blocked(const at::Tensor& blocked, int64_t n);
 

@@ -14,7 +14,7 @@
 
 namespace recjpq_cpu {
 
-ExcludeLists::ExcludeLists(const c10::optional<at::Tensor>& exclude, int64_t batch) {
+ExcludeLists::ExcludeLists(const c10::optional<at::Tensor>& exclude, int64_t batch, int64_t n) {
   if (!exclude.has_value() || exclude->numel() == 0) return;
   TORCH_CHECK(exclude->dim() == 2 && exclude->size(0) == batch && exclude->scalar_type() == at::kLong &&
                   exclude->is_contiguous(),
@@ -25,7 +25,9 @@ ExcludeLists::ExcludeLists(const c10::optional<at::Tensor>& exclude, int64_t bat
   for (int64_t b = 0; b < batch; ++b) {
     auto& ids = lists_[b];
     for (int64_t e = 0; e < width; ++e) {
-      if (data[b * width + e] >= 0) ids.push_back(data[b * width + e]);
+      const int64_t id = data[b * width + e];
+      TORCH_CHECK_VALUE(id >= -1 && id < n, "exclude ids must be in [-1, N=", n, "), got ", id, " in row ", b);
+      if (id >= 0) ids.push_back(id);
     }
     std::sort(ids.begin(), ids.end());
   }
@@ -48,6 +50,14 @@ void check_table(const at::Tensor& S, int64_t M) {
   TORCH_CHECK(S.device().is_cpu() && S.scalar_type() == at::kFloat && S.dim() == 3 && S.is_contiguous(),
               "recjpq_cpu: S must be a contiguous float32 CPU tensor [B, M, K]");
   TORCH_CHECK(S.size(1) == M, "recjpq_cpu: S has M=", S.size(1), " splits but the codes have ", M);
+}
+
+void check_finite(const at::Tensor& S) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(S.data_ptr<float>());
+  uint32_t all_ones_exponent = 0;  // a float is nan or inf exactly when its exponent bits are all set
+  for (int64_t i = 0, size = S.numel(); i < size; ++i)
+    all_ones_exponent |= static_cast<uint32_t>((bits[i] & 0x7F800000u) == 0x7F800000u);
+  TORCH_CHECK_VALUE(all_ones_exponent == 0, "S contains non-finite values (nan or inf)");
 }
 
 void check_blocked(const at::Tensor& blocked, int64_t n) {
@@ -177,9 +187,12 @@ class ByteTable {
     }
     step_ = widest > 0.0 ? widest / 255.0 : 1.0;
     slack_ = static_cast<double>(M * M) * largest * std::ldexp(1.0, -22);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < K; ++c)
-        bytes_[m * 256 + c] = static_cast<uint8_t>(std::min(255.0, std::floor((S[m * K + c] - lo[m]) / step_)));
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t c = 0; c < K; ++c) {  // x >= 0, so truncation is floor (and needs no libm call)
+        const double x = (S[m * K + c] - lo[m]) / step_;
+        bytes_[m * 256 + c] = x >= 255.0 ? 255 : static_cast<uint8_t>(x);
+      }
+    }
   }
 
   const uint8_t* data() const { return bytes_.data(); }
@@ -215,7 +228,7 @@ struct TopkScan {
   TopkScan(const at::Tensor& S_, const at::Tensor& blocked_, int64_t n_, int64_t k_,
            const c10::optional<at::Tensor>& exclude, Simd level)
       : S(S_), blocked(blocked_), n(n_), k(k_), M(blocked_.size(1)), K(S_.size(2)), batch(S_.size(0)),
-        grid(blocked_.size(0), S_.size(0)), excluded(exclude, S_.size(0)), score(score_blocks_fn<CodeT>(level)),
+        grid(blocked_.size(0), S_.size(0)), excluded(exclude, S_.size(0), n_), score(score_blocks_fn<CodeT>(level)),
         // uint8 codes on AVX-512 VBMI: filter on byte tables, rescore the few survivors exactly
         filter(std::is_same<CodeT, uint8_t>::value && K <= 256 && M * 255 <= 65535 ? filter_blocks_fn(level) : nullptr),
         found((grid.threads + 1) * batch, AscendingTopK(k_)),
@@ -231,32 +244,43 @@ struct TopkScan {
     const int64_t c = (u % grid.chunks) * kChunkBlocks, group = u / grid.chunks;
     const int64_t nb = std::min(grid.num_blocks, c + kChunkBlocks) - c;
     const int64_t q0 = batch * group / grid.groups, q1 = batch * (group + 1) / grid.groups;
-    float* scores = slot_scores.data() + slot * kChunkBlocks * kBlock;
-    uint64_t* masks = slot_masks.data() + slot * kChunkBlocks;
-    const CodeT* chunk = blocked.data_ptr<CodeT>() + c * M * kBlock;
     for (int64_t q = q0; q < q1; ++q) {
       AscendingTopK& best = found[slot * batch + q];
-      const float* Sq = S.data_ptr<float>() + q * M * K;
-      if (filter) {
-        filter(reinterpret_cast<const uint8_t*>(chunk), nb, M, bytes[q].data(), bytes[q].threshold(best.threshold()),
-               masks);
-      } else {
-        score(chunk, nb, M, Sq, K, best.threshold(), scores, masks);
-      }
-      for (int64_t b = 0; b < nb; ++b) {
-        for (uint64_t mask = masks[b]; mask; mask &= mask - 1) {
-          const int64_t j = __builtin_ctzll(mask), item = (c + b) * kBlock + j;
-          if (item >= n) break;
-          if (excluded.contains(q, item)) continue;
-          if (!filter) {
-            best.push(scores[b * kBlock + j], item);
-            continue;
-          }
-          const CodeT* ic = chunk + b * M * kBlock + j;  // item's code in split m: ic[m * kBlock]
-          float s = Sq[ic[0]];
-          for (int64_t m = 1; m < M; ++m) s += Sq[m * K + ic[m * kBlock]];
-          best.push(s, item);
+      // while the threshold is -inf every item passes: one block at a time until it is finite,
+      // then the rest of the chunk in one call
+      int64_t b = 0;
+      for (; b < nb && !best.settle(); ++b) scan_blocks(slot, q, c, b, b + 1);
+      if (b < nb) scan_blocks(slot, q, c, b, nb);
+    }
+  }
+
+  // Scores (or filters) blocks [b0, b1) of the chunk at block c for query q, and pushes the items
+  // that pass the query's threshold into its slot's top-k.
+  void scan_blocks(int slot, int64_t q, int64_t c, int64_t b0, int64_t b1) {
+    AscendingTopK& best = found[slot * batch + q];
+    float* scores = slot_scores.data() + slot * kChunkBlocks * kBlock;
+    uint64_t* masks = slot_masks.data() + slot * kChunkBlocks;
+    const CodeT* blocks = blocked.data_ptr<CodeT>() + (c + b0) * M * kBlock;
+    const float* Sq = S.data_ptr<float>() + q * M * K;
+    if (filter) {
+      filter(reinterpret_cast<const uint8_t*>(blocks), b1 - b0, M, bytes[q].data(), bytes[q].threshold(best.threshold()),
+             masks);
+    } else {
+      score(blocks, b1 - b0, M, Sq, K, best.threshold(), scores, masks);
+    }
+    for (int64_t b = 0; b < b1 - b0; ++b) {
+      for (uint64_t mask = masks[b]; mask; mask &= mask - 1) {
+        const int64_t j = __builtin_ctzll(mask), item = (c + b0 + b) * kBlock + j;
+        if (item >= n) break;
+        if (excluded.contains(q, item)) continue;
+        if (!filter) {
+          best.push(scores[b * kBlock + j], item);
+          continue;
         }
+        const CodeT* ic = blocks + b * M * kBlock + j;  // item's code in split m: ic[m * kBlock]
+        float s = Sq[ic[0]];
+        for (int64_t m = 1; m < M; ++m) s += Sq[m * K + ic[m * kBlock]];
+        best.push(s, item);
       }
     }
   }
@@ -266,6 +290,7 @@ std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor
                                            const c10::optional<at::Tensor>& exclude, c10::string_view simd) {
   check_blocked(blocked, n);
   check_table(S, blocked.size(1));
+  check_finite(S);
   TORCH_CHECK(k >= 1 && k <= n, "recjpq_cpu: k must be in [1, N=", n, "], got ", k);
   const int64_t batch = S.size(0);
   const Simd level = parse_simd(std::string(simd));

@@ -95,6 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pq_topk_prune(const at::Tensor& S
               "recjpq_cpu: rows must be the contiguous CPU tensor [N, M] that prune_index returns");
   const int64_t n = rows.size(0), M = rows.size(1);
   check_table(S, M);
+  check_finite(S);
   const int64_t batch = S.size(0), K = S.size(2);
   TORCH_CHECK(k >= 1 && k <= n, "recjpq_cpu: k must be in [1, N=", n, "], got ", k);
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.dim() == 2 &&
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pq_topk_prune(const at::Tensor& S
               "recjpq_cpu: offsets must be contiguous int64 [M, K + 1] (build the index with the same K)");
   TORCH_CHECK(items.scalar_type() == at::kInt && items.is_contiguous() && items.numel() == M * n,
               "recjpq_cpu: items must be contiguous int32 [M * N]");
-  const ExcludeLists excluded(exclude, batch);
+  const ExcludeLists excluded(exclude, batch, n);
   at::Tensor values = at::empty({batch, k}, S.options());
   at::Tensor indices = at::empty({batch, k}, S.options().dtype(at::kLong));
   at::Tensor visited = at::empty({batch}, S.options().dtype(at::kLong));

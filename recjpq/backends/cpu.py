@@ -13,6 +13,7 @@ on strongly peaked S, while the exhaustive scan uses every core even for one que
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,6 +28,9 @@ except ImportError as e:  # built without extensions (RECJPQ_NO_EXT=1) or a brok
 
 SIMD_ENV = "RECJPQ_CPU_SIMD"
 SIMD_LEVELS = ("auto", "scalar", "avx2", "avx512")
+# pq_topk (exhaustive and pruned) checks S finite and exclusion ids in range in C++, on the very
+# data it scans, so recjpq.ops.run_topk skips its own pass over them (a third of a B = 1 call at N = 3.4k)
+checks_values = True
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -39,7 +43,11 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def simd_level() -> str:
     """The SIMD path the kernels will take: ``RECJPQ_CPU_SIMD`` if set, else the best supported."""
-    level = os.environ.get(SIMD_ENV, "auto") or "auto"
+    return _resolved_simd(os.environ.get(SIMD_ENV, "auto") or "auto")
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved_simd(level: str) -> str:
     if level not in SIMD_LEVELS:
         raise ValueError(f"{SIMD_ENV} must be one of {SIMD_LEVELS}, got {level!r}")
     if level != "auto" and not torch.ops.recjpq_cpu.simd_supported(level):

@@ -73,5 +73,7 @@ def run_topk(S, codes, k, exclude, backend, algorithm):
     S, codes = S.float().contiguous(), codes.contiguous()
     if torch.compiler.is_compiling() or (S.requires_grad and torch.is_grad_enabled()):
         return _pq_topk_op(S, codes, k, exclude, name, algorithm)
-    check_values(S, codes, exclude)
-    return backends.get(name).pq_topk(S, codes, k, exclude, algorithm)
+    backend_module = backends.get(name)
+    if not getattr(backend_module, "checks_values", False):
+        check_values(S, codes, exclude)
+    return backend_module.pq_topk(S, codes, k, exclude, algorithm)
