@@ -158,11 +158,14 @@ def test_kernels_release_the_gil():
     counter, spans = [0], []
     started, finished = threading.Event(), threading.Event()
 
-    def worker():
+    def worker():  # calls until the counter moved during one (a call can end before the OS runs the main thread)
         started.set()
-        before = counter[0]
-        torch.ops.recjpq_cpu.pq_topk(S, blocked, codes.shape[0], 10, None, "auto")
-        spans.append(counter[0] - before)
+        for _ in range(100):
+            before = counter[0]
+            torch.ops.recjpq_cpu.pq_topk(S, blocked, codes.shape[0], 10, None, "auto")
+            spans.append(counter[0] - before)
+            if spans[-1] > 0:
+                break
         finished.set()
 
     old = sys.getswitchinterval()
@@ -177,7 +180,7 @@ def test_kernels_release_the_gil():
         thread.join()
     finally:
         sys.setswitchinterval(old)
-    assert spans[0] > 0
+    assert max(spans) > 0
 
 
 @settings(max_examples=25, deadline=None)

@@ -48,7 +48,9 @@ inline int64_t key_index(int64_t key) { return 0xFFFFFFFFll - (key & 0xFFFFFFFFl
 // item with an equal score has a higher index and loses the tie.
 class AscendingTopK {
  public:
-  explicit AscendingTopK(int64_t k) : k_(k), capacity_(std::max<int64_t>(4 * k, k + 1024)) {
+  // a shrink (nth_element) every capacity - k pushes: often enough that the threshold follows
+  // the k-th best closely, rarely enough that it costs O(1) per push
+  explicit AscendingTopK(int64_t k) : k_(k), capacity_(std::max<int64_t>(2 * k, k + 64)) {
     keys_.reserve(capacity_);
   }
 

@@ -10,6 +10,10 @@
 
 #include <ATen/Parallel.h>
 
+#include <memory>
+#include <mutex>
+#include <optional>
+
 #include "work_sharing.h"
 
 namespace recjpq_cpu {
@@ -70,18 +74,23 @@ void check_blocked(const at::Tensor& blocked, int64_t n) {
 namespace {
 
 constexpr int64_t kChunkBlocks = 32;  // 2048 items per chunk: M=8 uint8 codes take 16 KB (L1)
+constexpr int64_t kBlocksPerScan = 4;
+constexpr int64_t kCodesInL2Bytes = 256 * 1024;  // 256 items per scorer call between threshold updates
 
 // Units of work for run_units: chunks of kChunkBlocks blocks x query groups, numbered group-major so
-// that each slot meets a query's items in ascending order. Queries are split into groups only when
-// the catalogue has fewer chunks than threads; otherwise a unit serves every query from one load
-// of its codes.
+// that each slot meets a query's items in ascending order. Over a large catalogue a unit serves
+// every query from one load of its codes, and queries are split into groups only when there are
+// fewer chunks than threads. When all the codes fit in L2 there is nothing to save by sharing a
+// load: each query is its own group, so it runs over the whole catalogue with its S table, byte
+// table and top-k kept in L1 (measured 12.0 -> see docs/cpu-kernel.md at B = 64, N = 3,417).
 struct Grid {
   int64_t chunks, groups, num_blocks, batch;
   int threads;
-  Grid(int64_t num_blocks_, int64_t batch_)
-      : chunks((num_blocks_ + kChunkBlocks - 1) / kChunkBlocks), num_blocks(num_blocks_), batch(batch_),
+  Grid(const at::Tensor& blocked, int64_t batch_)
+      : chunks((blocked.size(0) + kChunkBlocks - 1) / kChunkBlocks), num_blocks(blocked.size(0)), batch(batch_),
         threads(work_threads()) {
-    groups = chunks >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(batch, threads));
+    if (blocked.nbytes() <= kCodesInL2Bytes) groups = batch;
+    else groups = chunks >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(batch, threads));
   }
   int64_t units() const { return chunks * groups; }
 };
@@ -152,7 +161,7 @@ at::Tensor pq_scores(const at::Tensor& S, const at::Tensor& blocked, int64_t n, 
     const CodeT* codes = blocked.data_ptr<CodeT>();
     const float* table = S.data_ptr<float>();
     float* scores = out.data_ptr<float>();
-    const Grid grid(blocked.size(0), batch);
+    const Grid grid(blocked, batch);
     std::vector<float> tails(grid.threads * kChunkBlocks * kBlock);  // per slot
     for_each_unit(grid, [&](int64_t c, int64_t blk1, int64_t q0, int64_t q1, int slot) {
       float* tail = tails.data() + slot * kChunkBlocks * kBlock;
@@ -187,10 +196,14 @@ class ByteTable {
     }
     step_ = widest > 0.0 ? widest / 255.0 : 1.0;
     slack_ = static_cast<double>(M * M) * largest * std::ldexp(1.0, -22);
+    // q = round((S - min_m) / step) in float: its error (< 1e-4 steps) is far below the 0.5 that
+    // rounding adds, so q >= floor((S - min_m) / step) and the bound above still holds; a
+    // multiply instead of a double division, so the loop vectorises
+    const float inverse = static_cast<float>(1.0 / step_);
     for (int64_t m = 0; m < M; ++m) {
-      for (int64_t c = 0; c < K; ++c) {  // x >= 0, so truncation is floor (and needs no libm call)
-        const double x = (S[m * K + c] - lo[m]) / step_;
-        bytes_[m * 256 + c] = x >= 255.0 ? 255 : static_cast<uint8_t>(x);
+      for (int64_t c = 0; c < K; ++c) {
+        const float rounded = (S[m * K + c] - lo[m]) * inverse + 0.5f;
+        bytes_[m * 256 + c] = rounded >= 255.0f ? 255 : static_cast<uint8_t>(rounded);
       }
     }
   }
@@ -220,23 +233,28 @@ struct TopkScan {
   ExcludeLists excluded;
   ScoreBlocksFn<CodeT> score;
   FilterBlocksFn filter;
-  std::vector<ByteTable> bytes;
+  // built on a query's first unit, next to its scan, so its S rows are read while in cache (built
+  // all up front, B = 512 queries' tables and S rows were evicted before their scans: 2x slower)
+  std::vector<std::optional<ByteTable>> bytes;
+  std::unique_ptr<std::once_flag[]> bytes_built;
   std::vector<AscendingTopK> found;  // [slot, query]
+  std::vector<char> warmed;  // [slot, query]: the slot has scanned a chunk for the query
   std::vector<float> slot_scores;
   std::vector<uint64_t> slot_masks;
 
   TopkScan(const at::Tensor& S_, const at::Tensor& blocked_, int64_t n_, int64_t k_,
            const c10::optional<at::Tensor>& exclude, Simd level)
       : S(S_), blocked(blocked_), n(n_), k(k_), M(blocked_.size(1)), K(S_.size(2)), batch(S_.size(0)),
-        grid(blocked_.size(0), S_.size(0)), excluded(exclude, S_.size(0), n_), score(score_blocks_fn<CodeT>(level)),
+        grid(blocked_, S_.size(0)), excluded(exclude, S_.size(0), n_), score(score_blocks_fn<CodeT>(level)),
         // uint8 codes on AVX-512 VBMI: filter on byte tables, rescore the few survivors exactly
         filter(std::is_same<CodeT, uint8_t>::value && K <= 256 && M * 255 <= 65535 ? filter_blocks_fn(level) : nullptr),
         found((grid.threads + 1) * batch, AscendingTopK(k_)),
+        warmed((grid.threads + 1) * batch, 0),
         slot_scores((grid.threads + 1) * kChunkBlocks * kBlock),
         slot_masks((grid.threads + 1) * kChunkBlocks) {
     if (filter) {
-      bytes.reserve(batch);
-      for (int64_t q = 0; q < batch; ++q) bytes.emplace_back(S.data_ptr<float>() + q * M * K, M, K);
+      bytes.resize(batch);
+      bytes_built.reset(new std::once_flag[batch]);
     }
   }
 
@@ -250,7 +268,12 @@ struct TopkScan {
       // then the rest of the chunk in one call
       int64_t b = 0;
       for (; b < nb && !best.settle(); ++b) scan_blocks(slot, q, c, b, b + 1);
-      if (b < nb) scan_blocks(slot, q, c, b, nb);
+      // then, in the slot's first chunk of the query, a few blocks per call, so that the threshold
+      // the scorer filters with follows the young top-k; later chunks in one call
+      char& warm = warmed[slot * batch + q];
+      const int64_t step = warm ? nb : kBlocksPerScan;
+      for (; b < nb; b += step) scan_blocks(slot, q, c, b, std::min(nb, b + step));
+      warm = 1;
     }
   }
 
@@ -263,7 +286,8 @@ struct TopkScan {
     const CodeT* blocks = blocked.data_ptr<CodeT>() + (c + b0) * M * kBlock;
     const float* Sq = S.data_ptr<float>() + q * M * K;
     if (filter) {
-      filter(reinterpret_cast<const uint8_t*>(blocks), b1 - b0, M, bytes[q].data(), bytes[q].threshold(best.threshold()),
+      std::call_once(bytes_built[q], [&] { bytes[q].emplace(Sq, M, K); });
+      filter(reinterpret_cast<const uint8_t*>(blocks), b1 - b0, M, bytes[q]->data(), bytes[q]->threshold(best.threshold()),
              masks);
     } else {
       score(blocks, b1 - b0, M, Sq, K, best.threshold(), scores, masks);

@@ -68,12 +68,13 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def prefers_matmul(batch: int, n: int, d: int, m: int, k: int, device: torch.device) -> bool:
     """Whether ``algorithm="auto"`` takes the decoded table: the crossovers of ``bench/shape_grid.py
-    --variants lut matmul`` (docs/cpu-kernel.md, "Dispatch and crossover"; 1 thread, N in 3.4k-100k,
-    B in 1-512). The GEMM pays for large batches over small catalogues with short sub-vectors (the
-    LUT scan's work grows with M, the GEMM's with d) and small k (k = 100 lost or tied)."""
-    if batch < 64 or k > 16 or unavailable_reason(device) is not None:
+    --variants lut matmul`` (docs/cpu-kernel.md, "Dispatch and crossover"; 1 thread, N in 3.4k-10k,
+    B in 64-512, re-measured after the scan's per-query cost fell from 24.5 to 11 us). The GEMM
+    pays only for large batches over small catalogues with many splits (the LUT scan's work grows
+    with M, the GEMM's with d) and small k."""
+    if batch < 512 or m < 16 or k > 16 or unavailable_reason(device) is not None:
         return False
-    return n * (d // m) <= (60_000 if batch >= 512 else 40_000)
+    return n * (d // m) <= 40_000
 
 
 def _key(t: torch.Tensor):
