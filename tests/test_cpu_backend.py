@@ -118,6 +118,14 @@ def test_layout_rebuilt_after_in_place_edit():
     assert torch.equal(after, ops.pq_scores(S, codes, backend="reference"))
 
 
+@pytest.mark.parametrize("scale", [1e-40, 1e-30, 1e30])
+def test_extreme_score_scales(simd, scale):
+    """Subnormal and huge S: the VBMI filter's byte table divides by a step of S's spread."""
+    S, codes = random_problem(3, 700, 8, 256, seed=5)
+    S = S * scale
+    assert_same_topk(S, codes, 10)
+
+
 @pytest.mark.parametrize("algorithm", ("exhaustive", "prune"))
 @pytest.mark.parametrize("bad", ["nan", "inf", "exclude below -1", "exclude = N"])
 def test_kernels_check_the_values_they_scan(simd, algorithm, bad):

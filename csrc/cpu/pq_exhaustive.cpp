@@ -196,14 +196,15 @@ class ByteTable {
     }
     step_ = widest > 0.0 ? widest / 255.0 : 1.0;
     slack_ = static_cast<double>(M * M) * largest * std::ldexp(1.0, -22);
-    // q = round((S - min_m) / step) in float: its error (< 1e-4 steps) is far below the 0.5 that
-    // rounding adds, so q >= floor((S - min_m) / step) and the bound above still holds; a
-    // multiply instead of a double division, so the loop vectorises
-    const float inverse = static_cast<float>(1.0 / step_);
+    // q = round((S - min_m) / step): its error (< 1e-6 steps) is far below the 0.5 that rounding
+    // adds, so q >= floor((S - min_m) / step) and the bound above still holds. A multiply by the
+    // inverse (double: 1 / step stays finite even for subnormal steps) instead of a division
+    // and a libm floor per entry.
+    const double inverse = 1.0 / step_;
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t c = 0; c < K; ++c) {
-        const float rounded = (S[m * K + c] - lo[m]) * inverse + 0.5f;
-        bytes_[m * 256 + c] = rounded >= 255.0f ? 255 : static_cast<uint8_t>(rounded);
+        const double rounded = (static_cast<double>(S[m * K + c]) - lo[m]) * inverse + 0.5;
+        bytes_[m * 256 + c] = rounded >= 255.0 ? 255 : static_cast<uint8_t>(rounded);
       }
     }
   }
