@@ -126,8 +126,8 @@ def test_synthetic_items_follow_their_own_vectors():
         return np.mean(np.concatenate([np.sum(vectors[s[:-1] - 1] * vectors[s[1:] - 1], axis=1)
                                        for s in data.sequences]))
 
-    assert consecutive_cosine(10.0) > 0.06  # measured 0.102; the vectors are independent of the clusters
-    assert abs(consecutive_cosine(0.0)) < 0.02  # measured 0.001: without taste, vectors play no part
+    assert consecutive_cosine(14.0) > 0.05  # measured 0.088; the vectors are independent of the clusters
+    assert abs(consecutive_cosine(0.0)) < 0.02  # measured -0.004: without taste, vectors play no part
 
 
 @pytest.mark.skipif(not os.path.isfile(ML1M), reason=f"dataset not present: {ML1M}")
