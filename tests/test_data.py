@@ -114,6 +114,10 @@ def test_synthetic_is_deterministic_and_sequential():
     assert top_share > 0.2
     with pytest.raises(ValueError, match="num_clusters"):
         generate_sequences(10, 5, num_clusters=6)
+    with pytest.raises(ValueError, match="taste"):
+        generate_sequences(10, 20, num_clusters=2, taste=-1.0)
+    with pytest.raises(ValueError, match="candidates"):
+        generate_sequences(10, 20, num_clusters=2, candidates=0)
 
 
 def test_synthetic_items_follow_their_own_vectors():

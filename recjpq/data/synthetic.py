@@ -84,7 +84,8 @@ def generate_sequences(num_users: int = 5000, num_items: int = 10000, *, num_clu
         return np.minimum(np.searchsorted(cum, cum[-1] * rng.random(n), side="right") - 1, num_items - 1)
 
     def choose(users, own, prev, follows):
-        """The candidate closest to the user's taste, drifted towards the previous item."""
+        """One of ``candidates`` items, drawn (Gumbel-max) by its match with the user's taste drifted
+        towards the previous item."""
         n = len(users)
         ahead = (prev - start[own])[:, None] + rng.geometric(hop, (n, candidates))
         succ = start[own][:, None] + ahead % size[own][:, None]
