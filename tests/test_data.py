@@ -6,6 +6,7 @@ import pytest
 
 from recjpq.data import (DataFormatError, batches, generate_sequences, leave_one_out, length_batches,
                          load_interactions, pad_left, train_interactions)
+from recjpq.data.synthetic import item_vectors
 
 ML1M = "/work/shared/data/ml-1m/ml-1m.txt"
 
@@ -113,6 +114,24 @@ def test_synthetic_is_deterministic_and_sequential():
     assert top_share > 0.2
     with pytest.raises(ValueError, match="num_clusters"):
         generate_sequences(10, 5, num_clusters=6)
+    with pytest.raises(ValueError, match="taste"):
+        generate_sequences(10, 20, num_clusters=2, taste=-1.0)
+    with pytest.raises(ValueError, match="candidates"):
+        generate_sequences(10, 20, num_clusters=2, candidates=0)
+
+
+def test_synthetic_items_follow_their_own_vectors():
+    """The signal a dense table keeps and shared sub-items lose: which item of a cluster comes
+    next depends on that item's own latent vector, not only on its cluster and popularity."""
+    def consecutive_cosine(taste):
+        data = generate_sequences(300, 400, num_clusters=4, mean_length=30, taste=taste, seed=2)
+        vectors = item_vectors(400, seed=2)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return np.mean(np.concatenate([np.sum(vectors[s[:-1] - 1] * vectors[s[1:] - 1], axis=1)
+                                       for s in data.sequences]))
+
+    assert consecutive_cosine(14.0) > 0.05  # measured 0.088; the vectors are independent of the clusters
+    assert abs(consecutive_cosine(0.0)) < 0.02  # measured -0.004: without taste, vectors play no part
 
 
 @pytest.mark.skipif(not os.path.isfile(ML1M), reason=f"dataset not present: {ML1M}")
