@@ -130,7 +130,7 @@ def fit(config: CFConfig, data: CFData, out: str | None = None, *, progress: boo
     tables = build_tables(config, data)
     model = _build_model(config, data, tables)
     build_s = time.perf_counter() - t_build
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)  # about 3x foreach on one CPU thread (MF on Gowalla)
     params = sum(p.numel() for p in model.parameters())
     full_params = (data.num_users + data.num_items) * config.dim
     history, start_epoch, train_s, steps = [], 0, 0.0, 0
