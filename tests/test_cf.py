@@ -113,6 +113,8 @@ def test_build_tables_respect_the_budget(tmp_path, embedding):
     full = (data.num_users + data.num_items) * 16
     assert params <= (full if embedding == "full" else 0.25 * full)
     assert users.num_embeddings == data.num_users and items.num_embeddings == data.num_items
+    # dense gradients: Adam's momentum keeps moving a row between its batches, as in the reference code
+    assert not getattr(users, "sparse", False) and not getattr(items, "sparse", False)
     if embedding in ("baco", "hash"):
         assert isinstance(users, ClusterEmbedding) and users.num_rows == (6, 6)  # 0.25 * 108 entities // 4 tables
 
@@ -128,6 +130,25 @@ def test_fit_learns_planted_groups_and_writes_outputs(tmp_path, model):
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert written["best"] == summary["best"] and written["embedding_params"] == (60 + 48) * 16
     assert (tmp_path / "out" / "checkpoint.pt").exists() and (tmp_path / "out" / "best.pt").exists()
+
+
+def test_negatives_avoid_the_users_training_items():
+    from recjpq.cf.train import _negatives
+
+    # user 0 has trained on items 0..8 of 10, user 1 on item 3 only
+    users, items = torch.tensor([0] * 9 + [1]), torch.tensor(list(range(9)) + [3])
+    keys = (users * 10 + items).sort().values
+    batch = torch.tensor([0, 1] * 500)
+    neg = _negatives(keys, batch, 10, torch.Generator().manual_seed(0))
+    assert set(neg[batch == 0].tolist()) == {9}
+    assert set(neg[batch == 1].tolist()) == set(range(10)) - {3}
+
+
+def test_fit_rejects_a_user_without_unseen_items(tmp_path):
+    (tmp_path / "train.txt").write_text("0 0 1 2\n1 0\n")
+    (tmp_path / "test.txt").write_text("1 2\n")
+    with pytest.raises(ValueError, match="every item"):
+        fit(CFConfig(dim=4, epochs=1), load_cf(str(tmp_path)), progress=False, log=None)
 
 
 def test_fit_resumes_from_checkpoint_and_stops_at_time_limit(tmp_path):

@@ -63,9 +63,9 @@ def build_tables(config: CFConfig, data: CFData) -> tuple[nn.Module, nn.Module]:
     from recjpq.nn import ClusterEmbedding
 
     nu, ni, d = data.num_users, data.num_items, config.dim
-    if config.embedding in ("full", "lowrank"):  # sparse gradients: a step touches only the batch's rows
+    if config.embedding in ("full", "lowrank"):
         width = d if config.embedding == "full" else max(1, int(config.budget * d))
-        return nn.Embedding(nu, width, sparse=True), nn.Embedding(ni, width, sparse=True)
+        return nn.Embedding(nu, width), nn.Embedding(ni, width)
     rows = int(config.budget * (nu + ni)) // (2 * config.tables)
     if rows < 1:
         raise ValueError(f"budget {config.budget} leaves no rows for {2 * config.tables} tables")
@@ -92,30 +92,17 @@ def _build_model(config: CFConfig, data: CFData, tables) -> nn.Module:
     return LightGCN(*tables, adj, layers=config.layers)
 
 
-class _Optimizer:
-    """Adam for dense parameters, SparseAdam for sparse embedding tables (lazy moments: rows absent
-    from a batch keep their state), behind one ``zero_grad`` / ``step`` / ``state_dict``."""
-
-    def __init__(self, model: nn.Module, lr: float):
-        sparse = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse}
-        groups = ([p for p in model.parameters() if id(p) in sparse], [p for p in model.parameters() if id(p) not in sparse])
-        self.parts = ([torch.optim.SparseAdam(groups[0], lr=lr)] if groups[0] else []) + \
-                     ([torch.optim.Adam(groups[1], lr=lr)] if groups[1] else [])
-
-    def zero_grad(self) -> None:
-        for opt in self.parts:
-            opt.zero_grad()
-
-    def step(self) -> None:
-        for opt in self.parts:
-            opt.step()
-
-    def state_dict(self) -> list:
-        return [opt.state_dict() for opt in self.parts]
-
-    def load_state_dict(self, states: list) -> None:
-        for opt, state in zip(self.parts, states):
-            opt.load_state_dict(state)
+def _negatives(train_keys: torch.Tensor, users: torch.Tensor, num_items: int, generator) -> torch.Tensor:
+    """One uniform item per user that is not among the user's training items (the LightGCN / NGCF
+    samplers'). ``train_keys``: sorted ``user * num_items + item`` of the training pairs."""
+    neg = torch.randint(0, num_items, users.shape, generator=generator)
+    redo = torch.arange(users.numel())
+    while redo.numel():  # terminates: fit checks that every user has an unseen item
+        keys = users[redo] * num_items + neg[redo]
+        at = torch.searchsorted(train_keys, keys).clamp_max(train_keys.numel() - 1)
+        redo = redo[train_keys[at] == keys]
+        neg[redo] = torch.randint(0, num_items, redo.shape, generator=generator)
+    return neg
 
 
 def _evaluate(model, data: CFData, k: int) -> dict:
@@ -134,11 +121,16 @@ def fit(config: CFConfig, data: CFData, out: str | None = None, *, progress: boo
     ``out/metrics.json``. Returns the summary written to ``metrics.json``.
     """
     config.validate()
+    users = torch.from_numpy(data.train_users)
+    items = torch.from_numpy(data.train_items)
+    if torch.bincount(users, minlength=data.num_users).max() >= data.num_items:
+        raise ValueError("a user has every item as a training item: no negative can be sampled for it")
+    train_keys = (users * data.num_items + items).sort().values
     t_build = time.perf_counter()
     tables = build_tables(config, data)
     model = _build_model(config, data, tables)
     build_s = time.perf_counter() - t_build
-    optimizer = _Optimizer(model, config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)  # about 3x foreach on one CPU thread (MF on Gowalla)
     params = sum(p.numel() for p in model.parameters())
     full_params = (data.num_users + data.num_items) * config.dim
     history, start_epoch, train_s, steps = [], 0, 0.0, 0
@@ -155,8 +147,6 @@ def fit(config: CFConfig, data: CFData, out: str | None = None, *, progress: boo
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history, best, train_s = state["epoch"], state["history"], state["best"], state["train_seconds"]
         steps = state["steps"]
-    users = torch.from_numpy(data.train_users)
-    items = torch.from_numpy(data.train_items)
     g = torch.Generator().manual_seed(config.seed * 1000003 + start_epoch)
     stopped = "epochs"
     epoch = start_epoch
@@ -166,7 +156,7 @@ def fit(config: CFConfig, data: CFData, out: str | None = None, *, progress: boo
         batches = torch.randperm(users.numel(), generator=g).split(config.batch_size)
         for batch in tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False):
             u, pos = users[batch], items[batch]
-            neg = torch.randint(0, data.num_items, (batch.numel(),), generator=g)
+            neg = _negatives(train_keys, u, data.num_items, g)
             eu, ei, eu0, ei0 = model(u, torch.cat([pos, neg]))
             ep, en = ei.chunk(2)
             loss = -nn.functional.logsigmoid((eu * (ep - en)).sum(1)).mean()
