@@ -43,9 +43,21 @@ def load_dense(checkpoint: str, data_path: str):
     return dense, meta, leave_one_out(data.sequences)
 
 
+def settings_label(settings: dict) -> str:
+    """What a run changed from the defaults, for the table: history protocol, OPQ, encoder, alpha."""
+    parts = ["history excluded" if settings.get("exclude_seen") else "history ranked"]
+    if settings.get("rotate"):
+        parts.append("OPQ")
+    if settings.get("train_encoder"):
+        parts.append(f"encoder lr {settings['encoder_lr']:g}")
+    if settings.get("alpha", 0.5) != 0.5:
+        parts.append(f"alpha {settings['alpha']:g}")
+    return ", ".join(parts)
+
+
 def markdown_table(paths: list[str]) -> str:
     """The docs table from result JSONs: one row per (data, M), a run still in progress included."""
-    lines = ["| data | history | M | NDCG@10 dense / quantised / distilled | vs dense | Recall@10 dense / quantised / distilled "
+    lines = ["| data | settings | M | NDCG@10 dense / quantised / distilled | vs dense | Recall@10 dense / quantised / distilled "
              "| first within 2% of dense NDCG@10 (CPU s) | conversion CPU s (steps) | item table bytes dense -> PQ |",
              "|---|---|---|---|---|---|---|---|---|"]
     curve_lines = ["", "Quality against conversion time (CPU s: NDCG@10):", ""]
@@ -60,13 +72,13 @@ def markdown_table(paths: list[str]) -> str:
             curve, final = row["curve"], row["curve"][-1]
             near = next((p["seconds"] for p in curve if p["ndcg@10"] >= 0.98 * dense["ndcg@10"]), None)
             lines.append(
-                f"| {os.path.basename(os.path.dirname(report['data']))} | "
-                f"{'excluded' if report['settings'].get('exclude_seen') else 'ranked'} | {row['M']} | {dense['ndcg@10']:.4f} / {curve[0]['ndcg@10']:.4f} / "
+                f"| {os.path.basename(os.path.dirname(report['data']))} | {settings_label(report['settings'])} | {row['M']} | {dense['ndcg@10']:.4f} / {curve[0]['ndcg@10']:.4f} / "
                 f"{final['ndcg@10']:.4f} | {final['ndcg@10'] / dense['ndcg@10'] - 1:+.1%} | {dense['recall@10']:.4f} / "
                 f"{curve[0]['recall@10']:.4f} / {final['recall@10']:.4f} | {'not reached' if near is None else near} | "
                 f"{final['seconds']:.0f} ({final['step']}){note} | {dense['item_table_bytes']:,} -> "
                 f"{row['item_table_bytes']:,} ({dense['item_table_bytes'] / row['item_table_bytes']:.2f}x) |")
-            curve_lines.append(f"- {os.path.basename(os.path.dirname(report['data']))} M={row['M']} (dense "
+            curve_lines.append(f"- {os.path.basename(os.path.dirname(report['data']))} M={row['M']}, "
+                               f"{settings_label(report['settings'])} (dense "
                                f"{dense['ndcg@10']:.4f}): " + ", ".join(f"{p['seconds']:.0f}: {p['ndcg@10']:.4f}"
                                                                         for p in curve))
     return "\n".join(lines + curve_lines)
