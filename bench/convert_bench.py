@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import sys
@@ -42,11 +43,23 @@ def load_dense(checkpoint: str, data_path: str):
     return dense, meta, leave_one_out(data.sequences)
 
 
+def settings_label(settings: dict) -> str:
+    """What a run changed from the defaults, for the table: history protocol, OPQ, encoder, alpha."""
+    parts = ["history excluded" if settings.get("exclude_seen") else "history ranked"]
+    if settings.get("rotate"):
+        parts.append("OPQ")
+    if settings.get("train_encoder"):
+        parts.append(f"encoder lr {settings['encoder_lr']:g}")
+    if settings.get("alpha", 0.5) != 0.5:
+        parts.append(f"alpha {settings['alpha']:g}")
+    return ", ".join(parts)
+
+
 def markdown_table(paths: list[str]) -> str:
     """The docs table from result JSONs: one row per (data, M), a run still in progress included."""
-    lines = ["| data | M | NDCG@10 dense / quantised / distilled | vs dense | Recall@10 dense / quantised / distilled "
+    lines = ["| data | settings | M | NDCG@10 dense / quantised / distilled | vs dense | Recall@10 dense / quantised / distilled "
              "| first within 2% of dense NDCG@10 (CPU s) | conversion CPU s (steps) | item table bytes dense -> PQ |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     curve_lines = ["", "Quality against conversion time (CPU s: NDCG@10):", ""]
     for path in paths:
         with open(path) as f:
@@ -59,12 +72,13 @@ def markdown_table(paths: list[str]) -> str:
             curve, final = row["curve"], row["curve"][-1]
             near = next((p["seconds"] for p in curve if p["ndcg@10"] >= 0.98 * dense["ndcg@10"]), None)
             lines.append(
-                f"| {os.path.basename(os.path.dirname(report['data']))} | {row['M']} | {dense['ndcg@10']:.4f} / {curve[0]['ndcg@10']:.4f} / "
+                f"| {os.path.basename(os.path.dirname(report['data']))} | {settings_label(report['settings'])} | {row['M']} | {dense['ndcg@10']:.4f} / {curve[0]['ndcg@10']:.4f} / "
                 f"{final['ndcg@10']:.4f} | {final['ndcg@10'] / dense['ndcg@10'] - 1:+.1%} | {dense['recall@10']:.4f} / "
                 f"{curve[0]['recall@10']:.4f} / {final['recall@10']:.4f} | {'not reached' if near is None else near} | "
                 f"{final['seconds']:.0f} ({final['step']}){note} | {dense['item_table_bytes']:,} -> "
                 f"{row['item_table_bytes']:,} ({dense['item_table_bytes'] / row['item_table_bytes']:.2f}x) |")
-            curve_lines.append(f"- {os.path.basename(os.path.dirname(report['data']))} M={row['M']} (dense "
+            curve_lines.append(f"- {os.path.basename(os.path.dirname(report['data']))} M={row['M']}, "
+                               f"{settings_label(report['settings'])} (dense "
                                f"{dense['ndcg@10']:.4f}): " + ", ".join(f"{p['seconds']:.0f}: {p['ndcg@10']:.4f}"
                                                                         for p in curve))
     return "\n".join(lines + curve_lines)
@@ -91,6 +105,8 @@ def main(argv=None) -> None:
     p.add_argument("--rotate", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude-seen", action="store_true",
+                   help="rank only items not in the user's history (the usual full-ranking protocol)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if args.table:
@@ -105,7 +121,8 @@ def main(argv=None) -> None:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    base = {**evaluate(dense, split.test), "item_table_bytes": table_bytes(dense)}
+    test = functools.partial(evaluate, data=split.test, exclude_seen=args.exclude_seen)
+    base = {**test(dense), "item_table_bytes": table_bytes(dense)}
     log(f"dense: {base}")
     rows = []
     report = {"benchmark": "convert a trained dense model to PQ with recjpq.convert.distill",
@@ -126,7 +143,7 @@ def main(argv=None) -> None:
         curve = []
 
         def point(step, seconds):
-            metrics = evaluate(model, split.test)
+            metrics = test(model)
             curve.append({"step": step, "seconds": round(seconds, 2), **metrics})
             log(f"M={m} step={step} seconds={seconds:.1f} {metrics}")
             report["in_progress"] = {"M": m, "item_table_bytes": table_bytes(model), "curve": curve}

@@ -7,6 +7,8 @@ docs (pmixer SASRec.pytorch: ``item_emb`` + ``log2feats`` + ``predict``; RecBole
 """
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -270,6 +272,42 @@ def test_save_load_our_sasrec_without_factory_and_through_load_checkpoint(tmp_pa
         got_values, got_ids = loaded.recommend(history, k=10)
         assert torch.equal(got_ids, ids) and torch.equal(got_values, values)
         assert meta["item_ids"][0] == "1"
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_server_serves_a_converted_model_file(tmp_path, rotate):
+    """What docs/convert.md promises: ``recjpq serve converted.pt`` for a ``patch.save`` file of a
+    ``recjpq.models`` model answers as the converted model itself does (raw ids from the meta)."""
+    pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
+    httpx = pytest.importorskip("httpx", reason="the serve extra (httpx) is not installed")
+    from recjpq.patch import save
+    from recjpq.serve import Recommender, create_app
+
+    torch.manual_seed(5)
+    model = SASRec(NUM_ITEMS, DIM, item_embedding="dense", num_layers=1, max_len=MAX_LEN).eval()
+    patch_item_scoring(model, 4, 16, iters=3, rotate=rotate)
+    raw_ids = [f"sku-{i}" for i in range(1, NUM_ITEMS + 1)]
+    save(model, tmp_path / "converted.pt", {"item_ids": raw_ids})
+    recommender = Recommender.from_checkpoint(tmp_path / "converted.pt", max_k=20)
+    assert hasattr(recommender.model.item_embedding, "rotation") == rotate
+    histories = [[3, 9, 27, 81], [150], [150, 149, 148, 7, 7] + list(range(20, 40))]  # the last one > max_len
+    app = create_app(recommender, max_wait_ms=0)
+
+    async def requests():
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://converted") as client:
+            for exclude_seen in (False, True):
+                want_scores, want_ids = model.recommend(histories, k=20, exclude_seen=exclude_seen)
+                for history, scores, ids in zip(histories, want_scores, want_ids):
+                    r = await client.post("/recommend", json={"history": [raw_ids[i - 1] for i in history],
+                                                              "k": 20, "exclude_seen": exclude_seen})
+                    assert r.status_code == 200, r.text
+                    assert r.json()["items"] == [raw_ids[i - 1] for i in ids.tolist()]
+                    np.testing.assert_allclose(r.json()["scores"], scores.tolist(), rtol=1e-5, atol=1e-5)
+            r = await client.post("/recommend", json={"history": ["sku-0"], "k": 5})  # not in the catalogue
+            assert r.status_code == 422 and "unknown item" in r.json()["detail"]
+
+    asyncio.run(requests())
 
 
 def test_save_load_errors(tmp_path):
