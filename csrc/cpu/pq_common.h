@@ -129,6 +129,15 @@ using FilterBlocksFn = void (*)(const uint8_t* blocks, int64_t num_blocks, int64
                                 uint16_t threshold, uint64_t* masks);
 FilterBlocksFn filter_blocks_fn(Simd level);
 
+// The filter's per-query byte table, vectorised (the CPUs that run the filter have AVX-512), and
+// null where the filter is. ranges: lo[m], hi[m] = min and max of S[m, :K]. quantize: out[m * 256 + c]
+// = min(255, trunc((S[m, c] - lo[m]) * inverse + 0.5)) in float, for a finite `inverse`.
+struct ByteTableFns {
+  void (*ranges)(const float* S, int64_t M, int64_t K, float* lo, float* hi);
+  void (*quantize)(const float* S, int64_t M, int64_t K, const float* lo, float inverse, uint8_t* out);
+};
+ByteTableFns byte_table_fns(Simd level);
+
 // Calls fn(CodeT{}) with CodeT matching the codes dtype (uint8, int16, int32).
 template <typename Fn>
 auto dispatch_codes(at::ScalarType dtype, Fn&& fn) {

@@ -183,24 +183,35 @@ at::Tensor pq_scores(const at::Tensor& S, const at::Tensor& blocked, int64_t n, 
 // score <= sum_m (min_m + (q_m + 1) * step) + float rounding < base + (Q + 2M) * step + slack.
 class ByteTable {
  public:
-  ByteTable(const float* S, int64_t M, int64_t K) : bytes_(M * 256, 0), M_(M) {
-    std::vector<float> lo(M);
+  ByteTable(const float* S, int64_t M, int64_t K, ByteTableFns simd) : bytes_(M * 256, 0), M_(M) {
+    std::vector<float> lo(M), hi(M);
+    if (simd.ranges) {
+      simd.ranges(S, M, K, lo.data(), hi.data());
+    } else {
+      for (int64_t m = 0; m < M; ++m) {
+        const auto [mn, mx] = std::minmax_element(S + m * K, S + (m + 1) * K);
+        lo[m] = *mn;
+        hi[m] = *mx;
+      }
+    }
     double widest = 0.0, largest = 0.0;
     base_ = 0.0;
     for (int64_t m = 0; m < M; ++m) {
-      const auto [mn, mx] = std::minmax_element(S + m * K, S + (m + 1) * K);
-      lo[m] = *mn;
-      base_ += *mn;
-      widest = std::max(widest, static_cast<double>(*mx) - *mn);
-      largest = std::max({largest, std::fabs(static_cast<double>(*mn)), std::fabs(static_cast<double>(*mx))});
+      base_ += lo[m];
+      widest = std::max(widest, static_cast<double>(hi[m]) - lo[m]);
+      largest = std::max({largest, std::fabs(static_cast<double>(lo[m])), std::fabs(static_cast<double>(hi[m]))});
     }
     step_ = widest > 0.0 ? widest / 255.0 : 1.0;
     slack_ = static_cast<double>(M * M) * largest * std::ldexp(1.0, -22);
-    // q = round((S - min_m) / step): its error (< 1e-6 steps) is far below the 0.5 that rounding
-    // adds, so q >= floor((S - min_m) / step) and the bound above still holds. A multiply by the
-    // inverse (double: 1 / step stays finite even for subnormal steps) instead of a division
-    // and a libm floor per entry.
+    // q = round((S - min_m) / step): its error (< 1e-4 steps in float) is far below the 0.5 that
+    // rounding adds, so q >= floor((S - min_m) / step) and the bound above still holds. A multiply
+    // by the inverse instead of a division and a libm floor per entry; in double where the float
+    // inverse would overflow (a subnormal step: 0 * inf is nan).
     const double inverse = 1.0 / step_;
+    if (simd.quantize && inverse <= std::numeric_limits<float>::max()) {
+      simd.quantize(S, M, K, lo.data(), static_cast<float>(inverse), bytes_.data());
+      return;
+    }
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t c = 0; c < K; ++c) {
         const double rounded = (static_cast<double>(S[m * K + c]) - lo[m]) * inverse + 0.5;
@@ -234,6 +245,7 @@ struct TopkScan {
   ExcludeLists excluded;
   ScoreBlocksFn<CodeT> score;
   FilterBlocksFn filter;
+  ByteTableFns byte_fns;
   // built on a query's first unit, next to its scan, so its S rows are read while in cache (built
   // all up front, B = 512 queries' tables and S rows were evicted before their scans: 2x slower)
   std::vector<std::optional<ByteTable>> bytes;
@@ -249,6 +261,7 @@ struct TopkScan {
         grid(blocked_, S_.size(0)), excluded(exclude, S_.size(0), n_), score(score_blocks_fn<CodeT>(level)),
         // uint8 codes on AVX-512 VBMI: filter on byte tables, rescore the few survivors exactly
         filter(std::is_same<CodeT, uint8_t>::value && K <= 256 && M * 255 <= 65535 ? filter_blocks_fn(level) : nullptr),
+        byte_fns(filter ? byte_table_fns(level) : ByteTableFns{nullptr, nullptr}),
         found((grid.threads + 1) * batch, AscendingTopK(k_)),
         warmed((grid.threads + 1) * batch, 0),
         slot_scores((grid.threads + 1) * kChunkBlocks * kBlock),
@@ -287,7 +300,7 @@ struct TopkScan {
     const CodeT* blocks = blocked.data_ptr<CodeT>() + (c + b0) * M * kBlock;
     const float* Sq = S.data_ptr<float>() + q * M * K;
     if (filter) {
-      std::call_once(bytes_built[q], [&] { bytes[q].emplace(Sq, M, K); });
+      std::call_once(bytes_built[q], [&] { bytes[q].emplace(Sq, M, K, byte_fns); });
       filter(reinterpret_cast<const uint8_t*>(blocks), b1 - b0, M, bytes[q]->data(), bytes[q]->threshold(best.threshold()),
              masks);
     } else {

@@ -165,9 +165,58 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void filter_blocks_vbmi(
   }
 }
 
+// ---- AVX-512: the filter's byte table ----
+__attribute__((target("avx512f"))) void split_ranges_avx512(const float* S, int64_t M, int64_t K, float* lo,
+                                                           float* hi) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = S + m * K;
+    __m512 mn = _mm512_set1_ps(std::numeric_limits<float>::infinity()), mx = _mm512_sub_ps(_mm512_setzero_ps(), mn);
+    int64_t c = 0;
+    for (; c + 16 <= K; c += 16) {
+      const __m512 v = _mm512_loadu_ps(row + c);
+      mn = _mm512_min_ps(mn, v);
+      mx = _mm512_max_ps(mx, v);
+    }
+    float low = _mm512_reduce_min_ps(mn), high = _mm512_reduce_max_ps(mx);
+    for (; c < K; ++c) {
+      low = std::min(low, row[c]);
+      high = std::max(high, row[c]);
+    }
+    lo[m] = low;
+    hi[m] = high;
+  }
+}
+
+__attribute__((target("avx512f"))) void quantize_avx512(const float* S, int64_t M, int64_t K, const float* lo,
+                                                       float inverse, uint8_t* out) {
+  const __m512 scale = _mm512_set1_ps(inverse), half = _mm512_set1_ps(0.5f), top = _mm512_set1_ps(255.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = S + m * K;
+    uint8_t* bytes = out + m * 256;
+    const __m512 base = _mm512_set1_ps(lo[m]);
+    int64_t c = 0;
+    for (; c + 16 <= K; c += 16) {
+      const __m512 x = _mm512_min_ps(_mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(row + c), base), scale, half), top);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(bytes + c), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(x)));
+    }
+    for (; c < K; ++c) {
+      const float x = std::min((row[c] - lo[m]) * inverse + 0.5f, 255.0f);
+      bytes[c] = static_cast<uint8_t>(x);
+    }
+  }
+}
+
 #endif  // RECJPQ_X86
 
 }  // namespace
+
+ByteTableFns byte_table_fns(Simd level) {
+#ifdef RECJPQ_X86
+  if (filter_blocks_fn(level) != nullptr) return {&split_ranges_avx512, &quantize_avx512};
+#endif
+  (void)level;
+  return {nullptr, nullptr};
+}
 
 FilterBlocksFn filter_blocks_fn(Simd level) {
 #ifdef RECJPQ_X86
