@@ -74,23 +74,19 @@ void check_blocked(const at::Tensor& blocked, int64_t n) {
 namespace {
 
 constexpr int64_t kChunkBlocks = 32;  // 2048 items per chunk: M=8 uint8 codes take 16 KB (L1)
-constexpr int64_t kBlocksPerScan = 4;
-constexpr int64_t kCodesInL2Bytes = 256 * 1024;  // 256 items per scorer call between threshold updates
+constexpr int64_t kBlocksPerScan = 4;  // 256 items per scorer call between threshold updates
 
 // Units of work for run_units: chunks of kChunkBlocks blocks x query groups, numbered group-major so
-// that each slot meets a query's items in ascending order. Over a large catalogue a unit serves
-// every query from one load of its codes, and queries are split into groups only when there are
-// fewer chunks than threads. When all the codes fit in L2 there is nothing to save by sharing a
-// load: each query is its own group, so it runs over the whole catalogue with its S table, byte
-// table and top-k kept in L1 (measured 12.0 -> see docs/cpu-kernel.md at B = 64, N = 3,417).
+// that each slot meets a query's items in ascending order. Queries are split into groups only when
+// the catalogue has fewer chunks than threads; otherwise a unit serves every query from one load
+// of its codes.
 struct Grid {
   int64_t chunks, groups, num_blocks, batch;
   int threads;
-  Grid(const at::Tensor& blocked, int64_t batch_)
-      : chunks((blocked.size(0) + kChunkBlocks - 1) / kChunkBlocks), num_blocks(blocked.size(0)), batch(batch_),
+  Grid(int64_t num_blocks_, int64_t batch_)
+      : chunks((num_blocks_ + kChunkBlocks - 1) / kChunkBlocks), num_blocks(num_blocks_), batch(batch_),
         threads(work_threads()) {
-    if (blocked.nbytes() <= kCodesInL2Bytes) groups = batch;
-    else groups = chunks >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(batch, threads));
+    groups = chunks >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(batch, threads));
   }
   int64_t units() const { return chunks * groups; }
 };
@@ -161,7 +157,7 @@ at::Tensor pq_scores(const at::Tensor& S, const at::Tensor& blocked, int64_t n, 
     const CodeT* codes = blocked.data_ptr<CodeT>();
     const float* table = S.data_ptr<float>();
     float* scores = out.data_ptr<float>();
-    const Grid grid(blocked, batch);
+    const Grid grid(blocked.size(0), batch);
     std::vector<float> tails(grid.threads * kChunkBlocks * kBlock);  // per slot
     for_each_unit(grid, [&](int64_t c, int64_t blk1, int64_t q0, int64_t q1, int slot) {
       float* tail = tails.data() + slot * kChunkBlocks * kBlock;
@@ -246,8 +242,7 @@ struct TopkScan {
   ScoreBlocksFn<CodeT> score;
   FilterBlocksFn filter;
   ByteTableFns byte_fns;
-  // built on a query's first unit, next to its scan, so its S rows are read while in cache (built
-  // all up front, B = 512 queries' tables and S rows were evicted before their scans: 2x slower)
+  // built on a query's first unit, next to its scan, which reads the same S rows
   std::vector<std::optional<ByteTable>> bytes;
   std::unique_ptr<std::once_flag[]> bytes_built;
   std::vector<AscendingTopK> found;  // [slot, query]
@@ -258,7 +253,7 @@ struct TopkScan {
   TopkScan(const at::Tensor& S_, const at::Tensor& blocked_, int64_t n_, int64_t k_,
            const c10::optional<at::Tensor>& exclude, Simd level)
       : S(S_), blocked(blocked_), n(n_), k(k_), M(blocked_.size(1)), K(S_.size(2)), batch(S_.size(0)),
-        grid(blocked_, S_.size(0)), excluded(exclude, S_.size(0), n_), score(score_blocks_fn<CodeT>(level)),
+        grid(blocked_.size(0), S_.size(0)), excluded(exclude, S_.size(0), n_), score(score_blocks_fn<CodeT>(level)),
         // uint8 codes on AVX-512 VBMI: filter on byte tables, rescore the few survivors exactly
         filter(std::is_same<CodeT, uint8_t>::value && K <= 256 && M * 255 <= 65535 ? filter_blocks_fn(level) : nullptr),
         byte_fns(filter ? byte_table_fns(level) : ByteTableFns{nullptr, nullptr}),
@@ -278,8 +273,7 @@ struct TopkScan {
     const int64_t q0 = batch * group / grid.groups, q1 = batch * (group + 1) / grid.groups;
     for (int64_t q = q0; q < q1; ++q) {
       AscendingTopK& best = found[slot * batch + q];
-      // while the threshold is -inf every item passes: one block at a time until it is finite,
-      // then the rest of the chunk in one call
+      // while the threshold is -inf every item passes: one block at a time until it is finite
       int64_t b = 0;
       for (; b < nb && !best.settle(); ++b) scan_blocks(slot, q, c, b, b + 1);
       // then, in the slot's first chunk of the query, a few blocks per call, so that the threshold
