@@ -80,17 +80,15 @@ def measure(grid: dict, budget_s: float) -> list[dict]:
     return entries
 
 
-def entries_from_gpu_bench(path: str) -> list[dict]:
-    """pq_topk entries from a bench/gpu_bench.py JSON: each shape where both GPU backends were timed."""
-    with open(path) as f:
-        report = json.load(f)
+def entries_from_gpu_bench(report: dict, source: str) -> list[dict]:
+    """pq_topk entries from a bench/gpu_bench.py report: each shape where both GPU backends were timed."""
     entries = []
     for row in report["results"]:
         ms = {name: round(row.get("ms", {})[f"recjpq:{name}"], 4) for name in GPU_BACKENDS
               if f"recjpq:{name}" in row.get("ms", {})}
         if len(ms) == len(GPU_BACKENDS):
             entries.append({"op": "pq_topk", "B": row["batch"], "N": row["n"], "M": row["m"], "k": row["k"], "ms": ms,
-                            "source": os.path.basename(path)})
+                            "source": source})
     return entries
 
 
@@ -111,15 +109,18 @@ def main() -> None:
         entries += earlier["entries"]
         device, described = earlier["device"], earlier["machine"]
     for path in args.from_gpu_bench:
-        entries += entries_from_gpu_bench(path)
         with open(path) as f:
-            described = json.load(f)["machine"]
+            report = json.load(f)
+        entries += entries_from_gpu_bench(report, os.path.basename(path))
+        described = report["machine"]
         device = described.get("gpu", device)
     if args.budget_s > 0:
         if not torch.cuda.is_available():
             sys.exit("cuda_dispatch_table.py needs a CUDA device to measure (or --budget-s 0 with --from-*)")
         entries += measure(QUICK if args.quick else FULL, args.budget_s)
         device, described = torch.cuda.get_device_name(), machine()
+    # one entry per shape, the last source's: merging a table with a report it already holds adds nothing
+    entries = list({(e["op"], e["B"], e["N"], e["M"], e.get("k")): e for e in entries}.values())
     table = {"device": device, "machine": described,
              "note": "written by bench/cuda_dispatch_table.py; ms = median CUDA-event time per call",
              "entries": entries}
