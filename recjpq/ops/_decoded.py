@@ -69,9 +69,9 @@ def unavailable_reason(device: torch.device) -> str | None:
 def prefers_matmul(batch: int, n: int, d: int, m: int, k: int, device: torch.device) -> bool:
     """Whether ``algorithm="auto"`` takes the decoded table: the crossovers of ``bench/shape_grid.py
     --variants lut matmul`` (docs/cpu-kernel.md, "Dispatch and crossover"; 1 thread, N in 3.4k-10k,
-    B in 64-512, re-measured after the scan's per-query cost fell from 24.5 to 11 us). The GEMM
-    pays only for large batches over small catalogues with many splits (the LUT scan's work grows
-    with M, the GEMM's with d) and small k."""
+    B in 64-512, re-measured once the scan's B = 1 cost fell from 24.5 to 11 us, not since its
+    AVX-512 byte table). The GEMM pays only for large batches over small catalogues with many
+    splits (the LUT scan's work grows with M, the GEMM's with d) and small k."""
     if batch < 512 or m < 16 or k > 16 or unavailable_reason(device) is not None:
         return False
     return n * (d // m) <= 40_000

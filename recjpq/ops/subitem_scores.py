@@ -78,11 +78,11 @@ def scores_table(query: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     # small tables only: no BLAS parallel region to stall on a busy machine (csrc/cpu/subitem_scores.cpp),
     # while from 4 queries on BLAS is 2-5x faster on one thread (B x d x K up to 2^18 multiply-adds)
     if rows * num_codes * m * dsub <= _CPU_KERNEL_MAX_WORK and _cpu_kernel_applies(query, centroids):
-        rows, table = query.reshape(-1, m * dsub).contiguous(), centroids.contiguous()
+        flat, table = query.reshape(-1, m * dsub).contiguous(), centroids.contiguous()
         if torch.is_grad_enabled() and (query.requires_grad or centroids.requires_grad):
-            S = _CpuSubitemScores.apply(rows, table)
+            S = _CpuSubitemScores.apply(flat, table)
         else:  # the autograd.Function's bookkeeping costs as much as a B = 1 table
-            S = torch.ops.recjpq_cpu.subitem_scores(rows, table)
+            S = torch.ops.recjpq_cpu.subitem_scores(flat, table)
         return S.view(*query.shape[:-1], m, num_codes)
     dtype = score_dtype(query, centroids)
     # the batched matmul einsum("...md,mkd->...mk") runs, without its parsing (a third of a B = 1 call)
