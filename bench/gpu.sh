@@ -9,6 +9,10 @@
 #   bash bench/gpu.sh session [SECONDS]    # one lease's worth (default 540 s): setup, the GPU test
 #                                          # files, memcheck/racecheck/synccheck, the issue's timings
 #                                          # and the dispatch table, each step inside what is left
+#   bash bench/gpu.sh cf DATA_DIR [SECONDS] # LightGCN on a LightGCN split (docs/baco.md): full, baco,
+#                                          # hash and low rank at 25% side by side for SECONDS (default
+#                                          # 420) of training each; run again on the warm machine to go on
+#                                          # (--resume); meanwhile setup and the CUDA/Triton test files
 #   bash bench/gpu.sh budgets              # prints every stage's worst case and their sum
 # DRY_RUN=1 prints each step and its time limit instead of running it (works without a GPU).
 # Worst cases: setup is at most SETUP_S (240 s: pip installs and the CUDA extension build, each
@@ -153,6 +157,43 @@ run_session() {
   [ "$DRY_RUN" = 1 ] || cp recjpq/backends/gpu_dispatch.json "$OUT/" 2>/dev/null
 }
 
+# cf DATA_DIR [SECONDS]: the four LightGCN runs of docs/baco.md's Gowalla section, in parallel on the
+# GPU (the reference recipe: batch 2048, lr 1e-3, L2 1e-4, users drawn uniformly), each adding
+# SECONDS of training to its checkpoint in ${RUNS_DIR:-.gpu_data/runs} (evaluations every 20 epochs
+# are off the clock: the stage allows 25% on top). While they train, setup builds the extensions
+# and the CUDA and Triton test files run in what is left (TESTS=0 skips them).
+run_cf() {
+  local data=${1:?usage: bash bench/gpu.sh cf DATA_DIR [SECONDS]} seconds=${2:-420}
+  [ "$DRY_RUN" = 1 ] || mkdir -p "$OUT"
+  local runs=${RUNS_DIR:-.gpu_data/runs} deadline=$((SECONDS + seconds * 5 / 4 + 30)) e pids=()
+  for e in full baco hash lowrank; do
+    local out=$runs/lightgcn-$e done_s=0
+    [ -f "$out/checkpoint.pt" ] && done_s=$("$PY" -c "import json,sys; print(int(json.load(open(sys.argv[1]))['last']['train_seconds']))"       "$out/metrics.json" 2>/dev/null || echo 0)
+    echo "== lightgcn-$e: $done_s s trained before, $seconds s more"
+    if [ "$DRY_RUN" = 1 ]; then continue; fi
+    mkdir -p "$out"
+    OMP_NUM_THREADS=2 timeout $((deadline - SECONDS)) "$PY" -m recjpq train-cf --data "$data" --model lightgcn \
+      --embedding "$e" --budget 0.25 --sampler users --lr 1e-3 --l2 1e-4 --batch-size 2048 --epochs 1000 \
+      --eval-every 20 --time-limit $((done_s + seconds)) --device "${DEVICE:-cuda}" --no-progress --resume \
+      --out "$out" > "$out/train.log" 2>&1 &
+    pids+=($!)
+  done
+  if [ "${TESTS:-1}" = 1 ]; then
+    export MAX_JOBS=${MAX_JOBS:-8} RECJPQ_CUDA_ARCHS=${RECJPQ_CUDA_ARCHS:-90}
+    setup
+    step "pytest tests/test_cuda_backend.py" "$(cap 150 "$(left $deadline 60)")" "$PY" -m pytest -q -rs \
+      -p no:cacheprovider tests/test_cuda_backend.py -k "not full_scale" --durations 5
+    step "pytest tests/test_triton_backend.py" "$(left $deadline 30)" "$PY" -m pytest -q -rs -p no:cacheprovider \
+      tests/test_triton_backend.py -k "not full_scale" --durations 5
+  fi
+  [ "$DRY_RUN" = 1 ] && return
+  for e in "${!pids[@]}"; do wait "${pids[$e]}" || status=1; done
+  for e in full baco hash lowrank; do
+    cp "$runs/lightgcn-$e/metrics.json" "$OUT/cf_lightgcn_$e.json" 2>/dev/null || status=1
+    echo "== lightgcn-$e"; grep -v "^$" "$runs/lightgcn-$e/train.log" | tail -6
+  done
+}
+
 budgets() {
   local total=0 stage work
   for stage in test:$TEST_S sanitizer:$SANITIZER_S bench:$BENCH_S dispatch:$DISPATCH_S models:$MODELS_S; do
@@ -169,9 +210,10 @@ case "$STAGE" in
   bench) setup; run_bench "$@" ;;
   dispatch) setup; run_dispatch ;;
   session) run_session "$@" ;;
+  cf) run_cf "$@" ;;
   models) if [ "${DEVICE:-cuda}" = cpu ]; then skip "setup (DEVICE=cpu)"; else setup; fi; run_models "$@" ;;
   budgets) budgets; exit 0 ;;
-  *) echo "usage: bash bench/gpu.sh test|sanitizer|bench [gpu_bench.py args]|dispatch|session [SECONDS]|models DATA_FILE [args]|budgets"
+  *) echo "usage: bash bench/gpu.sh test|sanitizer|bench [gpu_bench.py args]|dispatch|session [SECONDS]|cf DATA_DIR [SECONDS]|models DATA_FILE [args]|budgets"
      exit 2 ;;
 esac
 echo "== stage $STAGE done in ${SECONDS}s, status $status"

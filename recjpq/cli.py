@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_train_cf_parser(sub) -> None:
-    from recjpq.cf.train import EMBEDDINGS, MODELS, CFConfig
+    from recjpq.cf.train import EMBEDDINGS, MODELS, SAMPLERS, CFConfig
 
     d = CFConfig()
     cf = sub.add_parser("train-cf", help="MF-BPR / LightGCN on a LightGCN-style train.txt/test.txt split; "
@@ -160,6 +160,9 @@ def _add_train_cf_parser(sub) -> None:
     cf.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
     cf.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
     cf.add_argument("--seed", type=int, default=d.seed)
+    cf.add_argument("--sampler", default=d.sampler, choices=SAMPLERS,
+                    help="pairs: every training pair once per epoch; users: users drawn uniformly (LightGCN's code)")
+    cf.add_argument("--device", default=d.device, help="where to train and evaluate, e.g. cuda (ids are built on the CPU)")
     cf.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     cf.add_argument("--out", required=True, help="output directory (checkpoint.pt, best.pt, metrics.json)")
     cf.add_argument("--no-progress", action="store_true", help="no progress bars (evaluation lines only)")
@@ -170,7 +173,8 @@ def _train_cf(args) -> None:
 
     config = CFConfig(model=args.model, embedding=args.embedding, budget=args.budget, tables=args.tables,
                       dim=args.dim, layers=args.layers, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      l2=args.l2, eval_every=args.eval_every, time_limit=args.time_limit, seed=args.seed)
+                      l2=args.l2, eval_every=args.eval_every, time_limit=args.time_limit, seed=args.seed,
+                      sampler=args.sampler, device=args.device)
     data = load_cf(args.data)
     print(f"{args.data}: {data.num_users} users, {data.num_items} items, {data.train_users.size} train pairs, "
           f"{data.test.nnz} test pairs", file=sys.stderr)

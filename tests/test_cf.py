@@ -169,7 +169,7 @@ def test_fit_resumes_from_checkpoint_and_stops_at_time_limit(tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [({"model": "gru"}, "model"), ({"embedding": "pq"}, "embedding"),
                                           ({"budget": 0.0}, "budget"), ({"epochs": 0}, "epochs"),
-                                          ({"lr": -1.0}, "lr")])
+                                          ({"lr": -1.0}, "lr"), ({"sampler": "batch"}, "sampler")])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CFConfig(**kwargs).validate()
@@ -187,3 +187,63 @@ def test_cli_train_cf(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["embedding"] == "hash"
     with pytest.raises(SystemExit, match="train.txt"):
         main(["train-cf", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+
+
+def test_build_tables_reuse_cached_ids_only_for_the_same_configuration(tmp_path, monkeypatch):
+    import recjpq.codes.baco as baco
+
+    data = load_cf(str(write_split(tmp_path)))
+    cache = str(tmp_path / "ids.pt")
+    config = CFConfig(embedding="baco", dim=8, budget=0.25, tables=2, baco_sweeps=2)
+    users, items = build_tables(config, data, cache)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("co-clustered again despite cached ids")
+
+    monkeypatch.setattr(baco, "level_codes", fail)
+    again_users, again_items = build_tables(config, data, cache)
+    assert torch.equal(again_users.rows, users.rows) and torch.equal(again_items.rows, items.rows)
+    with pytest.raises(AssertionError, match="co-clustered again"):  # another seed: other ids
+        build_tables(CFConfig(embedding="baco", dim=8, budget=0.25, tables=2, baco_sweeps=2, seed=1), data, cache)
+    hashed = build_tables(CFConfig(embedding="hash", dim=8, budget=0.25, tables=2), data, cache)
+    assert not torch.equal(hashed[0].rows, users.rows)  # the cache now holds the hash ids
+    assert torch.load(cache, weights_only=True)["key"]["embedding"] == "hash"
+
+
+def test_lightgcn_moves_its_adjacency_with_the_tables(tmp_path):
+    data = load_cf(str(write_split(tmp_path)))
+    config = CFConfig(model="lightgcn", dim=4, layers=2)
+    from recjpq.cf.train import _build_model
+
+    model = _build_model(config, data, build_tables(config, data)).double()
+    assert model.adjacency.dtype == torch.float64 and model.adjacency.layout == torch.sparse_csr
+    users, items = model.embeddings()
+    assert users.dtype == torch.float64 and users.shape == (data.num_users, 4)
+    assert "adjacency" not in model.state_dict()  # rebuilt from the data, not saved
+
+
+def test_config_rejects_an_unknown_device():
+    with pytest.raises(ValueError, match="device"):
+        CFConfig(device="gpu0").validate()
+
+
+def test_user_sampler_weighs_users_equally_and_draws_their_own_items():
+    from recjpq.cf.train import _epoch_pairs
+
+    # user 0 has 90 training items, user 2 has 10, user 1 none (it must never be drawn)
+    users = torch.tensor([0] * 90 + [2] * 10)
+    items = torch.cat([torch.arange(90), torch.arange(90, 100)])
+    g = torch.Generator().manual_seed(0)
+    drawn_users, drawn_items = [], []
+    for _ in range(50):
+        u, i = _epoch_pairs(users, items, 3, "users", g)
+        assert u.shape == users.shape == i.shape
+        drawn_users.append(u)
+        drawn_items.append(i)
+    u, i = torch.cat(drawn_users), torch.cat(drawn_items)
+    assert set(u.unique().tolist()) == {0, 2}
+    assert 0.45 < (u == 2).float().mean() < 0.55  # 5,000 draws: user 2 holds half, not a tenth
+    assert bool(((u == 0) == (i < 90)).all())  # each positive is the drawn user's own item
+    assert set(i[u == 2].tolist()) == set(range(90, 100)) and len(set(i[u == 0].tolist())) == 90
+    pairs_u, pairs_i = _epoch_pairs(users, items, 3, "pairs", g)
+    assert sorted(zip(pairs_u.tolist(), pairs_i.tolist())) == sorted(zip(users.tolist(), items.tolist()))

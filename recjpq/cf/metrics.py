@@ -10,7 +10,8 @@ import torch
 def full_ranking(user_emb: torch.Tensor, item_emb: torch.Tensor, train: sp.csr_matrix, test: sp.csr_matrix,
                  k: int = 20, chunk: int = 1024) -> dict:
     """Means over users with test items: Recall@K = hits / |test items|; NDCG@K with the ideal DCG
-    over ``min(|test items|, K)`` positions. Scores are ``user_emb @ item_emb.T``."""
+    over ``min(|test items|, K)`` positions. Scores are ``user_emb @ item_emb.T``, on the
+    embeddings' device."""
     if user_emb.dim() != 2 or item_emb.dim() != 2 or user_emb.shape[1] != item_emb.shape[1]:
         raise ValueError(f"embeddings must be [users, d] and [items, d], got {tuple(user_emb.shape)} and "
                          f"{tuple(item_emb.shape)}")
@@ -26,10 +27,11 @@ def full_ranking(user_emb: torch.Tensor, item_emb: torch.Tensor, train: sp.csr_m
     ndcg = np.empty(users.size)
     for start in range(0, users.size, chunk):
         rows = users[start:start + chunk]
-        scores = user_emb[torch.from_numpy(rows)] @ item_emb.T
+        device = user_emb.device
+        scores = user_emb[torch.from_numpy(rows).to(device)] @ item_emb.T
         seen = train[rows].tocoo()
-        scores[torch.from_numpy(seen.row).long(), torch.from_numpy(seen.col).long()] = -torch.inf
-        top = scores.topk(min(k, shape[1]), dim=1).indices.numpy().copy()  # scipy indexing wants writeable
+        scores[torch.from_numpy(seen.row).long().to(device), torch.from_numpy(seen.col).long().to(device)] = -torch.inf
+        top = scores.topk(min(k, shape[1]), dim=1).indices.cpu().numpy().copy()  # scipy indexing wants writeable
         wanted = test[rows]
         hits = np.asarray(wanted[np.arange(rows.size)[:, None], top].todense()) > 0
         sizes = np.diff(wanted.indptr)

@@ -38,6 +38,11 @@ class _SymmetricSpMM(torch.autograd.Function):
         return None, torch.sparse.mm(ctx.adj, grad.contiguous())
 
 
+def _all_rows(table: nn.Module) -> torch.Tensor:
+    """Every entity's embedding, on the table's device."""
+    return table(torch.arange(table.num_embeddings, device=table.weight.device))
+
+
 class MF(nn.Module):
     """Matrix factorisation: score(u, i) = <user_u, item_i>."""
 
@@ -52,13 +57,13 @@ class MF(nn.Module):
 
     @torch.no_grad()
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.users(torch.arange(self.users.num_embeddings)),
-                self.items(torch.arange(self.items.num_embeddings)))
+        return _all_rows(self.users), _all_rows(self.items)
 
 
 class LightGCN(nn.Module):
     """LightGCN (He et al., SIGIR 2020): the mean of ``layers + 1`` propagations of the ego
-    embeddings over the normalised graph; one full propagation per training step."""
+    embeddings over the normalised graph; one full propagation per training step. The adjacency
+    is a buffer, so ``.to(device)`` moves it with the tables."""
 
     def __init__(self, users: nn.Module, items: nn.Module, adjacency: torch.Tensor, layers: int = 3):
         super().__init__()
@@ -67,11 +72,11 @@ class LightGCN(nn.Module):
             raise ValueError(f"adjacency must be [{n}, {n}] (users + items), got {tuple(adjacency.shape)}")
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
             raise ValueError(f"layers must be an int >= 0, got {layers!r}")
-        self.users, self.items, self.adjacency, self.layers = users, items, adjacency, layers
+        self.users, self.items, self.layers = users, items, layers
+        self.register_buffer("adjacency", adjacency, persistent=False)
 
     def _ego(self) -> torch.Tensor:
-        return torch.cat([self.users(torch.arange(self.users.num_embeddings)),
-                          self.items(torch.arange(self.items.num_embeddings))])
+        return torch.cat([_all_rows(self.users), _all_rows(self.items)])
 
     def _propagate(self, ego: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         total, x = ego, ego

@@ -17,6 +17,7 @@ from recjpq.cf.models import MF, LightGCN, normalized_adjacency
 
 MODELS = ("mf", "lightgcn")
 EMBEDDINGS = ("full", "baco", "hash", "lowrank")
+SAMPLERS = ("pairs", "users")
 
 
 @dataclass
@@ -37,12 +38,17 @@ class CFConfig:
     seed: int = 0
     baco_sweeps: int = 20
     baco_alpha: float = 1.0
+    device: str = "cpu"  # where training and evaluation run ("cuda" on a GPU); ids are built on the CPU
+    sampler: str = "pairs"  # "pairs": each epoch visits every training pair once; "users": the LightGCN
+    # reference code's, as many (user, positive) draws per epoch with users drawn uniformly
 
     def validate(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         for name in ("dim", "tables", "epochs", "batch_size", "eval_every", "k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -51,14 +57,23 @@ class CFConfig:
             raise ValueError(f"budget must lie in (0, 1], got {self.budget}")
         if not self.lr > 0 or self.l2 < 0:
             raise ValueError(f"lr must be > 0 and l2 >= 0, got {self.lr}, {self.l2}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must name a torch device, got {self.device!r}") from e
 
 
-def build_tables(config: CFConfig, data: CFData) -> tuple[nn.Module, nn.Module]:
+# the configuration fields that decide a table's shared-row ids (and so the cached ids.pt)
+_ID_FIELDS = ("embedding", "budget", "tables", "seed", "baco_sweeps", "baco_alpha")
+
+
+def build_tables(config: CFConfig, data: CFData, ids_cache: str | None = None) -> tuple[nn.Module, nn.Module]:
     """User and item tables. ``full``: private rows of ``dim``. ``lowrank``: private rows of
     ``budget * dim``. ``baco`` / ``hash``: ``ClusterEmbedding`` with ``tables`` ids per entity and
     ``budget * (users + items) / (2 * tables)`` rows per table, ids from multi-level BACO
     co-clusters of the training graph (users and items share each level's labels) or from random
-    balanced hashing."""
+    balanced hashing. ``ids_cache``: a file keeping the baco / hash ids of this configuration and
+    data, reused when they match (co-clustering a large graph takes minutes on a CPU)."""
     from recjpq.codes.baco import level_codes
     from recjpq.nn import ClusterEmbedding
 
@@ -70,6 +85,12 @@ def build_tables(config: CFConfig, data: CFData) -> tuple[nn.Module, nn.Module]:
     if rows < 1:
         raise ValueError(f"budget {config.budget} leaves no rows for {2 * config.tables} tables")
     sizes = [rows] * config.tables
+    key = {name: getattr(config, name) for name in _ID_FIELDS} | {
+        "users": nu, "items": ni, "train_pairs": int(data.train_users.size)}
+    if ids_cache and os.path.exists(ids_cache):
+        cached = torch.load(ids_cache, weights_only=True)
+        if cached["key"] == key:
+            return (ClusterEmbedding(cached["user_ids"], d, sizes), ClusterEmbedding(cached["item_ids"], d, sizes))
     if config.embedding == "hash":
         g = torch.Generator().manual_seed(config.seed)
         user_ids = torch.stack([torch.randperm(nu, generator=g) % rows for _ in sizes], 1)
@@ -79,6 +100,8 @@ def build_tables(config: CFConfig, data: CFData) -> tuple[nn.Module, nn.Module]:
                             num_users=nu, num_items=ni, alpha=config.baco_alpha, sweeps=config.baco_sweeps,
                             seed=config.seed)
         user_ids, item_ids = codes.user_codes, codes.item_codes
+    if ids_cache:
+        torch.save({"key": key, "user_ids": user_ids, "item_ids": item_ids}, ids_cache)
     return ClusterEmbedding(user_ids, d, sizes), ClusterEmbedding(item_ids, d, sizes)
 
 
@@ -87,22 +110,46 @@ def _build_model(config: CFConfig, data: CFData, tables) -> nn.Module:
     for table in tables:  # N(0, 0.1^2) per entity (LightGCN's init); a sum of J rows gets 0.1 / sqrt(J) per row
         nn.init.normal_(table.weight, std=0.1 * len(getattr(table, "num_rows", [0])) ** -0.5)
     if config.model == "mf":
-        return MF(*tables)
+        return MF(*tables).to(config.device)
     adj = normalized_adjacency(data.train_users, data.train_items, data.num_users, data.num_items)
-    return LightGCN(*tables, adj, layers=config.layers)
+    return LightGCN(*tables, adj, layers=config.layers).to(config.device)
 
 
-def _negatives(train_keys: torch.Tensor, users: torch.Tensor, num_items: int, generator) -> torch.Tensor:
+def _negatives(train_keys: torch.Tensor, users: torch.Tensor, num_items: int, generator,
+               rounds: int = 4) -> torch.Tensor:
     """One uniform item per user that is not among the user's training items (the LightGCN / NGCF
-    samplers'). ``train_keys``: sorted ``user * num_items + item`` of the training pairs."""
-    neg = torch.randint(0, num_items, users.shape, generator=generator)
-    redo = torch.arange(users.numel())
-    while redo.numel():  # terminates: fit checks that every user has an unseen item
-        keys = users[redo] * num_items + neg[redo]
+    samplers'), by rejection: a drawn training item is redrawn. ``train_keys``: sorted
+    ``user * num_items + item`` of the training pairs. Redraws run ``rounds`` at a time between
+    checks, so a GPU waits for the host once per batch, not once per round."""
+    def draw():
+        return torch.randint(0, num_items, users.shape, generator=generator, device=users.device)
+
+    def seen(neg):
+        keys = users * num_items + neg
         at = torch.searchsorted(train_keys, keys).clamp_max(train_keys.numel() - 1)
-        redo = redo[train_keys[at] == keys]
-        neg[redo] = torch.randint(0, num_items, redo.shape, generator=generator)
-    return neg
+        return train_keys[at] == keys
+
+    neg = draw()
+    while True:  # terminates: fit checks that every user has an unseen item
+        for _ in range(rounds):
+            neg = torch.where(seen(neg), draw(), neg)
+        if not bool(seen(neg).any()):
+            return neg
+
+
+def _epoch_pairs(users: torch.Tensor, items: torch.Tensor, num_users: int, sampler: str, generator):
+    """One epoch's (user, positive item) pairs in training order. ``users`` sorted, as
+    ``CFData`` keeps them. ``"users"`` gives every user the same weight, whatever its activity
+    (Recall@K averages over users)."""
+    if sampler == "pairs":
+        order = torch.randperm(users.numel(), generator=generator, device=users.device)
+        return users[order], items[order]
+    degree = torch.bincount(users, minlength=num_users)
+    start = degree.cumsum(0) - degree
+    active = degree.nonzero().flatten()
+    draw = active[torch.randint(0, active.numel(), users.shape, generator=generator, device=users.device)]
+    offset = (torch.rand(users.shape, generator=generator, device=users.device) * degree[draw]).long()
+    return draw, items[start[draw] + offset.clamp_max(degree[draw] - 1)]
 
 
 def _evaluate(model, data: CFData, k: int) -> dict:
@@ -121,13 +168,17 @@ def fit(config: CFConfig, data: CFData, out: str | None = None, *, progress: boo
     ``out/metrics.json``. Returns the summary written to ``metrics.json``.
     """
     config.validate()
+    device = torch.device(config.device)
     users = torch.from_numpy(data.train_users)
     items = torch.from_numpy(data.train_items)
     if torch.bincount(users, minlength=data.num_users).max() >= data.num_items:
         raise ValueError("a user has every item as a training item: no negative can be sampled for it")
+    users, items = users.to(device), items.to(device)
     train_keys = (users * data.num_items + items).sort().values
     t_build = time.perf_counter()
-    tables = build_tables(config, data)
+    if out:
+        os.makedirs(out, exist_ok=True)
+    tables = build_tables(config, data, os.path.join(out, "ids.pt") if out else None)
     model = _build_model(config, data, tables)
     build_s = time.perf_counter() - t_build
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)  # about 3x foreach on one CPU thread (MF on Gowalla)
@@ -136,35 +187,36 @@ def fit(config: CFConfig, data: CFData, out: str | None = None, *, progress: boo
     history, start_epoch, train_s, steps = [], 0, 0.0, 0
     best = {"epoch": 0, f"recall@{config.k}": -1.0}
     ckpt = os.path.join(out, "checkpoint.pt") if out else None
-    if out:
-        os.makedirs(out, exist_ok=True)
     if resume and ckpt and os.path.exists(ckpt):
-        state = torch.load(ckpt, weights_only=False)
-        if state["config"] != asdict(config) | {"epochs": state["config"]["epochs"],
-                                                "time_limit": state["config"]["time_limit"]}:
+        state = torch.load(ckpt, weights_only=False, map_location=device)
+        free = ("epochs", "time_limit", "device")  # may change on resume
+        if {k: v for k, v in state["config"].items() if k not in free} != {
+                k: v for k, v in asdict(config).items() if k not in free}:
             raise ValueError(f"{ckpt} was written with another configuration: {state['config']}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history, best, train_s = state["epoch"], state["history"], state["best"], state["train_seconds"]
         steps = state["steps"]
-    g = torch.Generator().manual_seed(config.seed * 1000003 + start_epoch)
+    g = torch.Generator(device).manual_seed(config.seed * 1000003 + start_epoch)
     stopped = "epochs"
     epoch = start_epoch
     t_fit = time.perf_counter() - train_s
     for epoch in range(start_epoch + 1, config.epochs + 1):
-        losses = []
-        batches = torch.randperm(users.numel(), generator=g).split(config.batch_size)
-        for batch in tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False):
-            u, pos = users[batch], items[batch]
+        loss_sum, batches_run = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+        epoch_users, epoch_items = _epoch_pairs(users, items, data.num_users, config.sampler, g)
+        batches = zip(epoch_users.split(config.batch_size), epoch_items.split(config.batch_size))
+        for u, pos in tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False,
+                           total=-(-users.numel() // config.batch_size)):
             neg = _negatives(train_keys, u, data.num_items, g)
             eu, ei, eu0, ei0 = model(u, torch.cat([pos, neg]))
             ep, en = ei.chunk(2)
             loss = -nn.functional.logsigmoid((eu * (ep - en)).sum(1)).mean()
-            reg = config.l2 * 0.5 * (eu0.square().sum() + ei0.square().sum()) / batch.numel()
+            reg = config.l2 * 0.5 * (eu0.square().sum() + ei0.square().sum()) / u.numel()
             optimizer.zero_grad()
             (loss + reg).backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            loss_sum += loss.detach()
+            batches_run += 1
             steps += 1
             if config.time_limit is not None and time.perf_counter() - t_fit >= config.time_limit:
                 break  # mid-epoch: an epoch of LightGCN on a CPU can outlast the limit
@@ -173,7 +225,7 @@ def fit(config: CFConfig, data: CFData, out: str | None = None, *, progress: boo
         if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
             t_eval = time.perf_counter()
             metrics = _evaluate(model, data, config.k)
-            row = {"epoch": epoch, "steps": steps, "loss": round(sum(losses) / len(losses), 5),
+            row = {"epoch": epoch, "steps": steps, "loss": round(float(loss_sum) / batches_run, 5),
                    f"recall@{config.k}": round(metrics[f"recall@{config.k}"], 5),
                    f"ndcg@{config.k}": round(metrics[f"ndcg@{config.k}"], 5), "train_seconds": round(elapsed, 1),
                    "eval_seconds": round(time.perf_counter() - t_eval, 1)}
@@ -196,7 +248,8 @@ def fit(config: CFConfig, data: CFData, out: str | None = None, *, progress: boo
                "train_pairs": int(users.numel()), "test_pairs": int(data.test.nnz), "embedding_params": params,
                "params_vs_full": round(params / full_params, 4), "build_seconds": round(build_s, 1),
                "epochs_run": epoch, "stopped": stopped, "best": best, "last": history[-1] if history else None,
-               "history": history, "threads": torch.get_num_threads()}
+               "history": history, "threads": torch.get_num_threads(),
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if out:
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(summary, f, indent=2)
