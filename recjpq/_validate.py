@@ -26,7 +26,8 @@ def check_tensor(name: str, x, *, ndim: int | None = None, dtypes=None) -> None:
 
 
 def check_same_device(**tensors) -> None:
-    named = [(n, t) for n, t in tensors.items() if t is not None]
+    """Non-tensors are skipped: their own check says what they should be."""
+    named = [(n, t) for n, t in tensors.items() if isinstance(t, torch.Tensor)]
     first_name, first = named[0]
     for name, t in named[1:]:
         if t.device != first.device:

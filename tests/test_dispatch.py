@@ -1,5 +1,7 @@
 """pq_topk_query's CPU dispatch: the decoded-table ("matmul") path and the fused scan ("lut")
 against the reference, and the decoded-table cache."""
+import re
+
 import pytest
 import torch
 
@@ -230,3 +232,105 @@ def test_matmul_large_k_keeps_a_bounded_pool(monkeypatch):
     ref = ops.pq_topk(S, codes, 100, backend="reference")
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     assert sizes[0] <= 4 * (100 + _decoded.EXTRA + 100 // 4)
+
+
+# ---- the one-call path for one or two CPU queries (recjpq.backends.cpu.topk_query_small) ----
+
+@pytest.fixture
+def small_calls(monkeypatch):
+    """Counts the calls that took the one-call path and the ones it answered."""
+    from recjpq.backends import cpu
+
+    counts = {"asked": 0, "answered": 0}
+    original = cpu.topk_query_small
+
+    def spy(*args):
+        counts["asked"] += 1
+        result = original(*args)
+        counts["answered"] += result is not None
+        return result
+
+    monkeypatch.setattr(cpu, "topk_query_small", spy)
+    return counts
+
+
+@pytest.mark.parametrize("n, m, dsub, k, num_codes", [
+    (1, 1, 3, 1, 16), (37, 3, 5, 37, 16), (200, 4, 16, 199, 256), (3001, 7, 2, 3, 300), (4099, 8, 8, 10, 256)])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_small_call_matches_reference(small_calls, n, m, dsub, k, num_codes, batch, dtype):
+    if dtype == torch.uint8 and num_codes > 256:
+        pytest.skip("uint8 codes hold 256 sub-ids")
+    query, centroids, codes = catalogue(n, m, dsub, num_codes=num_codes, batch=batch, dtype=dtype, seed=n + batch)
+    exclude = torch.randint(-1, n, (batch, 5), generator=torch.Generator().manual_seed(n))
+    exclude[:, 1] = exclude[:, 0]  # duplicates and -1 padding
+    assert_matches_reference(query, centroids, codes, k)
+    assert_matches_reference(query, centroids, codes, k, exclude=exclude)
+    assert small_calls == {"asked": 2, "answered": 2}
+
+
+def test_small_call_ties_exclusions_and_tail(small_calls):
+    query, centroids, codes = catalogue(300, 3, 2, num_codes=3, batch=2, integer=True)
+    _, indices = assert_matches_reference(query, centroids, codes, 50)
+    assert (indices >= 0).all()
+    exclude = torch.arange(298).expand(2, 298).contiguous()  # two items left, k = 5
+    values, indices = assert_matches_reference(query, centroids, codes, 5, exclude=exclude)
+    assert (indices[:, 2:] == -1).all() and torch.isinf(values[:, 2:]).all()
+    assert small_calls["answered"] == 2
+
+
+@pytest.mark.parametrize("case", ["k0", "k_big", "k_bool", "exclude_range", "exclude_dtype", "exclude_rows",
+                                  "nan_query", "codes_range", "dim", "codes_float", "exclude_list"])
+def test_small_call_raises_the_general_paths_errors(case):
+    query, centroids, codes = catalogue(100, 4, 4, batch=1)
+    args, kwargs = [query, centroids, codes, 5], {}
+    if case == "k0":
+        args[3] = 0
+    elif case == "k_big":
+        args[3] = 101
+    elif case == "k_bool":
+        args[3] = True
+    elif case == "exclude_range":
+        kwargs["exclude"] = torch.tensor([[3, 100]])
+    elif case == "exclude_dtype":
+        kwargs["exclude"] = torch.tensor([[3, 4]], dtype=torch.int32)
+    elif case == "exclude_rows":
+        kwargs["exclude"] = torch.tensor([[3], [4]])
+    elif case == "nan_query":
+        args[0] = query.clone().index_fill_(1, torch.tensor([2]), float("nan"))
+    elif case == "codes_range":
+        args[1] = centroids[:, :8].contiguous()  # codes reach 15
+    elif case == "dim":
+        args[0] = torch.randn(1, 15)
+    elif case == "codes_float":
+        args[2] = codes.float()
+    elif case == "exclude_list":
+        kwargs["exclude"] = [[3]]
+    with pytest.raises((ValueError, TypeError)) as general:
+        ops.pq_topk_query(*args, backend="cpu", **kwargs)  # a named backend takes the general path
+    with pytest.raises(general.type, match=re.escape(str(general.value))):
+        ops.pq_topk_query(*args, **kwargs)
+
+
+def test_small_call_only_where_the_general_path_gives_the_same(small_calls):
+    query, centroids, codes = catalogue(500, 4, 4, batch=3)
+    ops.pq_topk_query(query, centroids, codes, 5)  # three queries: S from BLAS
+    ops.pq_topk_query(query[:1], centroids, codes, 5, algorithm="lut")  # an algorithm named
+    leaf = query[:1].clone().requires_grad_()
+    values, _ = ops.pq_topk_query(leaf, centroids, codes, 5)  # a gradient wanted
+    values.sum().backward()
+    assert leaf.grad is not None and small_calls["asked"] == 0
+    strided = query[:2].t().contiguous().t()  # [2, d], not contiguous: asked, declined, then the general path
+    assert_matches_reference(strided, centroids, codes, 5)
+    assert small_calls == {"asked": 1, "answered": 0}
+    with torch.no_grad():
+        ops.pq_topk_query(leaf, centroids, codes, 5)  # no gradient under no_grad: taken
+    assert small_calls == {"asked": 2, "answered": 1}
+
+
+def test_small_call_sees_in_place_code_edits(small_calls):
+    query, centroids, codes = catalogue(400, 4, 4, batch=1)
+    before = ops.pq_topk_query(query, centroids, codes, 3)
+    codes[before[1][0, 0]] = codes[before[1][0, 2]]  # the best item now scores as the third
+    assert_matches_reference(query, centroids, codes, 3)
+    assert small_calls["answered"] == 2

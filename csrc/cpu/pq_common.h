@@ -138,6 +138,14 @@ struct ByteTableFns {
 };
 ByteTableFns byte_table_fns(Simd level);
 
+// The sub-item score table of `batch` queries [batch, M * dsub] against centroids [M, K, dsub]:
+// S[b, m, k] = the dot product of query[b, m-th chunk] and centroids[m, k] in one fixed order of
+// float32 operations (eight fma lane sums, then a tree: dot8_scalar in pq_simd.cpp). Every SIMD
+// level gives these bits; the scalar path is the reference of the vector one.
+using SubitemScoresFn = void (*)(const float* query, int64_t batch, const float* centroids, int64_t M, int64_t K,
+                                 int64_t dsub, float* S);
+SubitemScoresFn subitem_scores_fn(Simd level);
+
 // Calls fn(CodeT{}) with CodeT matching the codes dtype (uint8, int16, int32).
 template <typename Fn>
 auto dispatch_codes(at::ScalarType dtype, Fn&& fn) {
@@ -148,6 +156,11 @@ auto dispatch_codes(at::ScalarType dtype, Fn&& fn) {
     default: TORCH_CHECK(false, "recjpq_cpu: codes must be uint8, int16 or int32, got ", dtype);
   }
 }
+
+// The exhaustive top-k scan (torch.ops.recjpq_cpu.pq_topk) of S [B, M, K] over the blocked codes
+// of N items; checks S finite and the exclusion ids in range (ValueError) on the data it scans.
+std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor& blocked, int64_t n, int64_t k,
+                                           const c10::optional<at::Tensor>& exclude, c10::string_view simd);
 
 void check_table(const at::Tensor& S, int64_t M);
 // ValueError if S holds a nan or inf: the top-k kernels check the very table they then scan, so

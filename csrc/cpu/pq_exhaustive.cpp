@@ -318,6 +318,8 @@ struct TopkScan {
   }
 };
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor& blocked, int64_t n, int64_t k,
                                            const c10::optional<at::Tensor>& exclude, c10::string_view simd) {
   check_blocked(blocked, n);
@@ -352,6 +354,8 @@ std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor
   });
   return {values, indices};
 }
+
+namespace {
 
 bool simd_supported_op(c10::string_view name) {
   for (Simd level : {Simd::kScalar, Simd::kAvx2, Simd::kAvx512}) {

@@ -210,6 +210,84 @@ __attribute__((target("avx512f"))) void quantize_avx512(const float* S, int64_t 
 
 }  // namespace
 
+namespace {
+
+// One dot product of S, in the order every path follows: eight lane sums, lane l taking
+// j = l, l + 8, l + 16, ... with one fma each, then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
+// Eight lanes of one AVX register do the lane sums, and horizontal adds of eight rows' lanes give
+// that tree, so the vector path needs no transposition and the scalar path is its reference.
+float dot8_scalar(const float* q, const float* c, int64_t dsub) {
+  float lane[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t j = 0; j < dsub; ++j) lane[j % 8] = std::fma(q[j], c[j], lane[j % 8]);
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+void subitem_scores_scalar(const float* query, int64_t batch, const float* centroids, int64_t M, int64_t K,
+                           int64_t dsub, float* S) {
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k)
+        S[(b * M + m) * K + k] = dot8_scalar(query + (b * M + m) * dsub, centroids + (m * K + k) * dsub, dsub);
+    }
+  }
+}
+
+#ifdef RECJPQ_X86
+
+// lanes of q . c for one row c: j-chunks of 8 (the last one masked), one fma per chunk
+__attribute__((target("avx2,fma"))) inline __m256 lanes8(const float* q, const float* c, int64_t full, __m256i tail) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j < full; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(c + j), acc);
+  if (_mm256_testz_si256(tail, tail)) return acc;
+  return _mm256_fmadd_ps(_mm256_maskload_ps(q + j, tail), _mm256_maskload_ps(c + j, tail), acc);
+}
+
+// out[r] = the tree of the eight lanes of rows[r], r = 0..7 (hadd pairs neighbouring lanes)
+__attribute__((target("avx2,fma"))) inline __m256 tree8(const __m256* rows) {
+  const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(rows[0], rows[1]), _mm256_hadd_ps(rows[2], rows[3]));
+  const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(rows[4], rows[5]), _mm256_hadd_ps(rows[6], rows[7]));
+  // g0 = [t0(l0..3), t1(l0..3), t2(l0..3), t3(l0..3) | t0(l4..7), t1(l4..7), ...], likewise g1 for rows 4..7
+  const __m256 low = _mm256_permute2f128_ps(g0, g1, 0x20), high = _mm256_permute2f128_ps(g0, g1, 0x31);
+  return _mm256_add_ps(low, high);
+}
+
+__attribute__((target("avx2,fma"))) void subitem_scores_avx2(const float* query, int64_t batch,
+                                                            const float* centroids, int64_t M, int64_t K,
+                                                            int64_t dsub, float* S) {
+  const int64_t full = dsub / 8 * 8;
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(dsub - full)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* q = query + (b * M + m) * dsub;
+      const float* cm = centroids + m * K * dsub;
+      float* out = S + (b * M + m) * K;
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) {
+        __m256 rows[8];
+        for (int r = 0; r < 8; ++r) rows[r] = lanes8(q, cm + (k + r) * dsub, full, tail);
+        _mm256_storeu_ps(out + k, tree8(rows));
+      }
+      for (; k < K; ++k) out[k] = dot8_scalar(q, cm + k * dsub, dsub);
+    }
+  }
+}
+
+#endif  // RECJPQ_X86
+
+}  // namespace
+
+SubitemScoresFn subitem_scores_fn(Simd level) {
+#ifdef RECJPQ_X86
+  // 8-lane sums are the defined order, so AVX-512 runs the AVX2 code (its CPUs have AVX2 and FMA)
+  if (level != Simd::kScalar && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return &subitem_scores_avx2;
+#endif
+  (void)level;
+  return &subitem_scores_scalar;
+}
+
 ByteTableFns byte_table_fns(Simd level) {
 #ifdef RECJPQ_X86
   if (filter_blocks_fn(level) != nullptr) return {&split_ranges_avx512, &quantize_avx512};

@@ -8,11 +8,11 @@ from typing import Optional
 import torch
 
 from recjpq import backends
-from recjpq._validate import (FLOAT_DTYPES, check_codes, check_k_exclude, check_same_device, check_tensor,
-                              check_values)
+from recjpq._validate import (CODE_DTYPES, FLOAT_DTYPES, check_codes, check_k_exclude, check_same_device,
+                              check_tensor, check_values)
 from recjpq.ops import _decoded
 from recjpq.ops.pq_topk import _backward as _pq_topk_backward, _setup as _pq_topk_setup, run_topk
-from recjpq.ops.subitem_scores import check_subitem_args, scores_table
+from recjpq.ops.subitem_scores import CPU_KERNEL_MAX_ROWS, check_subitem_args, scores_table
 
 # "decode*" differ in the tensor-core input precision (kernels/pq_decode_topk.py: DECODE_ALGORITHMS)
 ALGORITHMS = ("auto", "lut", "matmul", "decode", "decode_tf32x3", "decode_bf16")
@@ -39,6 +39,24 @@ def _backward(ctx, grad_values, grad_indices):
 _pq_topk_query_op.register_autograd(_backward, setup_context=_pq_topk_setup)
 
 
+def _small_cpu_call(query, centroids, codes, k, exclude):
+    """The general path's result from one C++ call, for the call a model makes at inference (one or
+    two CPU queries, no gradient wanted); None for anything else, or anything it does not vouch
+    for, which the general path then handles (its errors included)."""
+    if not (isinstance(query, torch.Tensor) and isinstance(centroids, torch.Tensor) and isinstance(codes, torch.Tensor)
+            and (exclude is None or isinstance(exclude, torch.Tensor)) and type(k) is int):
+        return None
+    if (query.device.type != "cpu" or query.dim() != 2 or query.shape[0] > CPU_KERNEL_MAX_ROWS or centroids.dim() != 3
+            or codes.dim() != 2 or codes.device.type != "cpu" or codes.dtype not in CODE_DTYPES
+            or (codes.dtype == torch.uint8 and centroids.shape[1] > 256)):
+        return None
+    if (torch.is_grad_enabled() and (query.requires_grad or centroids.requires_grad)) or torch.compiler.is_compiling():
+        return None
+    from recjpq.backends import cpu
+
+    return cpu.topk_query_small(query, centroids, codes, k, exclude)
+
+
 def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, k: int, *,
                   exclude: torch.Tensor | None = None, backend: str | None = None,
                   algorithm: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +75,10 @@ def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Ten
     wins (``_decoded.prefers_matmul``; docs/cpu-kernel.md), else ``"lut"``. Values are
     differentiable with respect to ``query`` and ``centroids`` (through S).
     """
+    if backend is None and algorithm == "auto":
+        result = _small_cpu_call(query, centroids, codes, k, exclude)
+        if result is not None:
+            return result
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     decode = algorithm.startswith("decode")

@@ -1,0 +1,19 @@
+// The one-call top-k for a model's inference queries (pq_topk_query.cpp), bound in module.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace recjpq_cpu {
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> pq_topk_query_small(const at::Tensor& query,
+                                                                      const at::Tensor& centroids,
+                                                                      const at::Tensor& blocked, int64_t n,
+                                                                      int64_t k,
+                                                                      const std::optional<at::Tensor>& exclude,
+                                                                      const std::string& simd);
+
+}  // namespace recjpq_cpu
