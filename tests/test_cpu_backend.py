@@ -17,6 +17,7 @@ if backends._reason("cpu", "cpu") is not None:
     pytest.skip(f"cpu backend unavailable: {backends._reason('cpu', 'cpu')}", allow_module_level=True)
 
 from bench import fuzz_ops  # noqa: E402
+import recjpq._C  # noqa: E402
 from recjpq.backends import cpu  # noqa: E402
 
 SIMD = [pytest.param(level, marks=pytest.mark.skipif(not cpu.simd_supported(level), reason=f"CPU lacks {level}"))
@@ -158,11 +159,13 @@ def test_auto_backend_on_cpu_is_cpu():
     assert backends.resolve(None, torch.device("cpu"), "pq_topk") == "cpu"
 
 
-def test_kernels_release_the_gil():
+@pytest.mark.parametrize("call", ["op", "one_call"])
+def test_kernels_release_the_gil(call):
     # With a 10 s switch interval the main thread cannot take the GIL from the worker unless the
     # kernel releases it, so the counter moves during the call only if the GIL was released.
     S, codes = random_problem(8, 400_000, 8, 256, seed=8)
     blocked = cpu.snapshot(codes, 256).blocked
+    query, centroids = torch.randn(1, 64), torch.randn(8, 256, 8)
     counter, spans = [0], []
     started, finished = threading.Event(), threading.Event()
 
@@ -170,7 +173,10 @@ def test_kernels_release_the_gil():
         started.set()
         for _ in range(100):
             before = counter[0]
-            torch.ops.recjpq_cpu.pq_topk(S, blocked, codes.shape[0], 10, None, "auto")
+            if call == "op":
+                torch.ops.recjpq_cpu.pq_topk(S, blocked, codes.shape[0], 10, None, "auto")
+            else:  # the pybind call of one or two queries (ops.pq_topk_query's)
+                assert recjpq._C.pq_topk_query_small(query, centroids, blocked, codes.shape[0], 10, None, "auto")
             spans.append(counter[0] - before)
             if spans[-1] > 0:
                 break

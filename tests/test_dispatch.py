@@ -334,3 +334,34 @@ def test_small_call_sees_in_place_code_edits(small_calls):
     codes[before[1][0, 0]] = codes[before[1][0, 2]]  # the best item now scores as the third
     assert_matches_reference(query, centroids, codes, 3)
     assert small_calls["answered"] == 2
+
+
+def test_scratch_table_is_reused_per_thread_and_never_returned():
+    from recjpq.ops.subitem_scores import _scratch_buffer
+
+    query, centroids, codes = catalogue(700, 4, 4, batch=9)
+    first = assert_matches_reference(query, centroids, codes, 5)
+    buffer = _scratch_buffer(1, 1)
+    second = assert_matches_reference(query * 2, centroids, codes, 5)  # same buffer, new values
+    assert _scratch_buffer(1, 1).data_ptr() == buffer.data_ptr()
+    assert not torch.equal(first[0], second[0])
+    S = ops.subitem_scores(query, centroids)  # the public op returns its own tensor
+    assert S.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+    leaf = query.clone().requires_grad_()
+    values, _ = ops.pq_topk_query(leaf, centroids, codes, 5)  # a gradient wanted: no scratch
+    values.sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
+def test_scratch_tables_of_concurrent_callers_do_not_mix():
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, centroids, codes = catalogue(900, 4, 4, batch=1)
+    queries = [torch.randn(6, 16, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    expected = [ops.pq_topk_query(q, centroids, codes, 7, backend="reference") for q in queries]
+
+    def run(i):
+        return all(torch.equal(ops.pq_topk_query(queries[i], centroids, codes, 7)[1], expected[i][1]) for _ in range(15))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(8)))

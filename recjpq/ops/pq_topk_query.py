@@ -97,7 +97,10 @@ def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Ten
         reason = _decoded.unavailable_reason(query.device)
         if reason is not None:
             raise ValueError(f"algorithm='matmul' cannot run: {reason}")
-    S = scores_table(query, centroids)
+    # S stays inside this call (the backends return new tensors), so outside autograd it may live
+    # in a reused buffer: fresh tables of a few MB cost more in page faults than the scan
+    no_grad = not (torch.is_grad_enabled() and (query.requires_grad or centroids.requires_grad))
+    S = scores_table(query, centroids, scratch=no_grad)
     check_k_exclude(k, codes.shape[0], exclude, S)
     if algorithm == "auto" and backend is None and _decoded.prefers_matmul(S.shape[0], codes.shape[0], query.shape[1],
                                                                             codes.shape[1], k, query.device):
