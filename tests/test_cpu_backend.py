@@ -171,16 +171,21 @@ def test_kernels_release_the_gil(call):
 
     def worker():  # calls until the counter moved during one (a call can end before the OS runs the main thread)
         started.set()
+        try:
+            calls()
+        finally:
+            finished.set()
+
+    def calls():
         for _ in range(100):
             before = counter[0]
             if call == "op":
                 torch.ops.recjpq_cpu.pq_topk(S, blocked, codes.shape[0], 10, None, "auto")
             else:  # the pybind call of one or two queries (ops.pq_topk_query's)
-                assert recjpq._C.pq_topk_query_small(query, centroids, blocked, codes.shape[0], 10, None, "auto")
+                assert recjpq._C.pq_topk_query_small(query, centroids, blocked, codes.shape[0], 10, None, "auto", 2)
             spans.append(counter[0] - before)
             if spans[-1] > 0:
                 break
-        finished.set()
 
     old = sys.getswitchinterval()
     sys.setswitchinterval(10.0)

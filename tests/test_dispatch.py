@@ -256,7 +256,7 @@ def small_calls(monkeypatch):
 
 @pytest.mark.parametrize("n, m, dsub, k, num_codes", [
     (1, 1, 3, 1, 16), (37, 3, 5, 37, 16), (200, 4, 16, 199, 256), (3001, 7, 2, 3, 300), (4099, 8, 8, 10, 256)])
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2, 3, 17, 64])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
 def test_small_call_matches_reference(small_calls, n, m, dsub, k, num_codes, batch, dtype):
     if dtype == torch.uint8 and num_codes > 256:
@@ -313,8 +313,8 @@ def test_small_call_raises_the_general_paths_errors(case):
 
 
 def test_small_call_only_where_the_general_path_gives_the_same(small_calls):
-    query, centroids, codes = catalogue(500, 4, 4, batch=3)
-    ops.pq_topk_query(query, centroids, codes, 5)  # three queries: S from BLAS
+    query, centroids, codes = catalogue(500, 4, 4, batch=65)
+    ops.pq_topk_query(query, centroids, codes, 5)  # more queries than one call takes
     ops.pq_topk_query(query[:1], centroids, codes, 5, algorithm="lut")  # an algorithm named
     leaf = query[:1].clone().requires_grad_()
     values, _ = ops.pq_topk_query(leaf, centroids, codes, 5)  # a gradient wanted
@@ -339,7 +339,7 @@ def test_small_call_sees_in_place_code_edits(small_calls):
 def test_scratch_table_is_reused_per_thread_and_never_returned():
     from recjpq.ops.subitem_scores import _scratch_buffer
 
-    query, centroids, codes = catalogue(700, 4, 4, batch=9)
+    query, centroids, codes = catalogue(700, 4, 4, batch=70)  # more than one C++ call takes: Python's scratch
     first = assert_matches_reference(query, centroids, codes, 5)
     buffer = _scratch_buffer(1, 1)
     second = assert_matches_reference(query * 2, centroids, codes, 5)  # same buffer, new values
@@ -353,11 +353,12 @@ def test_scratch_table_is_reused_per_thread_and_never_returned():
     assert leaf.grad is not None and leaf.grad.abs().sum() > 0
 
 
-def test_scratch_tables_of_concurrent_callers_do_not_mix():
+@pytest.mark.parametrize("batch", [6, 70])  # C++'s thread-local table, Python's
+def test_scratch_tables_of_concurrent_callers_do_not_mix(batch):
     from concurrent.futures import ThreadPoolExecutor
 
     _, centroids, codes = catalogue(900, 4, 4, batch=1)
-    queries = [torch.randn(6, 16, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    queries = [torch.randn(batch, 16, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     expected = [ops.pq_topk_query(q, centroids, codes, 7, backend="reference") for q in queries]
 
     def run(i):

@@ -14,6 +14,6 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> pq_topk_query_small(const at::
                                                                       const at::Tensor& blocked, int64_t n,
                                                                       int64_t k,
                                                                       const std::optional<at::Tensor>& exclude,
-                                                                      const std::string& simd);
+                                                                      const std::string& simd, int64_t kernel_rows);
 
 }  // namespace recjpq_cpu

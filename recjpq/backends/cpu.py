@@ -76,16 +76,18 @@ def prune_index(info: CodesInfo, num_codes: int) -> tuple[torch.Tensor, torch.Te
     return info.prepared[key]
 
 
-def topk_query_small(query, centroids, codes, k, exclude):
+def topk_query_small(query, centroids, codes, k, exclude, kernel_rows):
     """``pq_topk_query``'s result in one C++ call (table + scan, csrc/cpu/pq_topk_query.cpp) for
-    arguments that ``recjpq.ops`` has screened (one or two queries, CPU, no autograd), or None
-    where the extension or a precondition is missing (the caller then runs the general path)."""
+    arguments that ``recjpq.ops`` has screened (a few CPU queries, no autograd), or None where the
+    extension or a precondition is missing (the caller then runs the general path). The table is
+    ``subitem_scores``'s: the C++ kernel up to ``kernel_rows`` queries, the batched matmul above."""
     if _IMPORT_ERROR is not None or codes.shape[0] == 0 or codes.shape[1] == 0:
         return None
     info = codes_info(codes)
     if info.min_code < 0 or info.max_code >= centroids.shape[1]:
         return None
-    return recjpq._C.pq_topk_query_small(query, centroids, info.blocked, info.n, k, exclude, simd_level())
+    return recjpq._C.pq_topk_query_small(query, centroids, info.blocked, info.n, k, exclude, simd_level(),
+                                         kernel_rows)
 
 
 def pq_scores(S: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
