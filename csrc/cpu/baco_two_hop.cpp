@@ -21,7 +21,7 @@ namespace recjpq_cpu {
 namespace {
 
 constexpr int64_t kRowsPerUnit = 64;
-constexpr int64_t kPrefetchAhead = 4;  // users whose edge lists are requested before they are summed
+constexpr int64_t kPrefetchAhead = 8;  // users whose edge lists are requested before they are summed
 
 void check_vector(const at::Tensor& t, at::ScalarType type, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.dim() == 1 && t.is_contiguous(), "recjpq_cpu: ",
@@ -99,10 +99,11 @@ void best_codes(const UserLists<Code>& users, const at::Tensor& item_indptr, con
   int64_t* best_out = best.data_ptr<int64_t>();
   double* gain_out = gain.data_ptr<double>();
   const int threads = work_threads();
-  std::vector<double> scratch(static_cast<size_t>(threads) * K);
+  std::vector<double> scratch(static_cast<size_t>(threads) * 2 * K, 0.0);  // per slot: the row, then its scores
   std::atomic<bool> bad{false};
   auto unit_fn = [&](int64_t unit, int slot) {
-    double* row = scratch.data() + static_cast<size_t>(slot) * K;
+    double* row = scratch.data() + static_cast<size_t>(slot) * 2 * K;  // all zero between items
+    double* score = row + K;
     const int64_t stop = std::min(n, (unit + 1) * kRowsPerUnit);
     for (int64_t t = unit * kRowsPerUnit; t < stop; ++t) {
       const int64_t i = item_ids[t];
@@ -112,8 +113,8 @@ void best_codes(const UserLists<Code>& users, const at::Tensor& item_indptr, con
         bad.store(true, std::memory_order_relaxed);
         continue;
       }
-      std::fill(row, row + K, 0.0);
-      const int64_t begin = iptr[i], end = iptr[i + 1];
+      const int64_t begin = iptr[i], end = iptr[i + 1], own = code[i];
+      if (begin == end && s[i] == 0.0 && self_w[i] == 0.0) continue;  // every score is 0: code 0, gain 0
       bool ok = true;
       for (int64_t e = begin; e < std::min(end, begin + kPrefetchAhead); ++e) __builtin_prefetch(users.codes + ubegin[e]);
       for (int64_t e = begin; e < end; ++e) {
@@ -121,22 +122,25 @@ void best_codes(const UserLists<Code>& users, const at::Tensor& item_indptr, con
         const int64_t b = ubegin[e], f = uend[e];
         ok = ok && b >= 0 && b <= f && f <= users.edges && users.add(b, f, iw[e], shared[e], row);
       }
+      row[own] -= self_w[i];
+      const double g = gamma * s[i];
+      double top_score = -std::numeric_limits<double>::infinity();
+#pragma omp simd
+      for (int64_t c = 0; c < K; ++c) {
+        score[c] = row[c] - g * V[c];
+        row[c] = 0.0;
+      }
+      score[own] += g * s[i];  // an item does not compete with itself
+#pragma omp simd reduction(max : top_score)
+      for (int64_t c = 0; c < K; ++c) top_score = std::max(top_score, score[c]);
       if (!ok) {
         bad.store(true, std::memory_order_relaxed);
         continue;
       }
-      const int64_t own = code[i];
-      row[own] -= self_w[i];
-      const double g = gamma * s[i];
       int64_t top = 0;
-      double top_score = -std::numeric_limits<double>::infinity(), own_score = 0.0;
-      for (int64_t c = 0; c < K; ++c) {
-        double score = row[c] - g * V[c];
-        if (c == own) own_score = score = score + g * s[i];
-        if (score > top_score) top_score = score, top = c;
-      }
+      while (top < K - 1 && !(score[top] >= top_score)) ++top;  // the first maximum: ties go to the lower code
       best_out[t] = top;
-      gain_out[t] = top_score - own_score;
+      gain_out[t] = score[top] - score[own];
     }
   };
   run_units((n + kRowsPerUnit - 1) / kRowsPerUnit, threads, unit_fn);

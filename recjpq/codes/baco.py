@@ -519,7 +519,7 @@ class _NativeTwoHop(_TwoHop):
 
     def state(self, codes: torch.Tensor, k: int) -> torch.Tensor:
         """The code of each user edge's item, in user CSR order."""
-        return codes.to(torch.uint8 if k <= 256 else torch.int32)[self.users.dst]
+        return torch.index_select(codes.to(torch.uint8 if k <= 256 else torch.int32), 0, self.users.dst)
 
     def best(self, edge_codes, codes, idx, volume, gamma):
         users, items = self.users, self.items
