@@ -52,10 +52,12 @@ class CoClusters(NamedTuple):
 
 
 class _Side:
-    """One side of the bipartite graph: its nodes' edges in CSR order and node weights."""
+    """One side of the bipartite graph: its nodes' edges in CSR order and node weights;
+    ``from_users`` (item side) holds each edge's position in the user side's order."""
 
-    def __init__(self, src: torch.Tensor, dst: torch.Tensor, wt: torch.Tensor, num_nodes: int, alpha: float):
-        self.src, self.dst, self.wt, self.num_nodes = src, dst, wt, num_nodes
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor, wt: torch.Tensor, num_nodes: int, alpha: float,
+                 from_users: torch.Tensor | None = None):
+        self.src, self.dst, self.wt, self.num_nodes, self.from_users = src, dst, wt, num_nodes, from_users
         degree = torch.zeros(num_nodes, dtype=torch.float64, device=src.device).index_add_(0, src, wt.double())
         self.weight = degree.pow(alpha) if alpha else torch.ones_like(degree)  # 0 ** 0 == 1: isolated nodes count 1
         self.indptr = torch.cat([src.new_zeros(1), torch.bincount(src, minlength=num_nodes).cumsum(0)])
@@ -134,7 +136,7 @@ def _edges(interactions, num_users: int | None, num_items: int | None, device):
 def _sides(users, items, weights, num_users, num_items, alpha):
     by_item = torch.argsort(items * num_users + users)
     return (_Side(users, items, weights, num_users, alpha),
-            _Side(items[by_item], users[by_item], weights[by_item], num_items, alpha))
+            _Side(items[by_item], users[by_item], weights[by_item], num_items, alpha, from_users=by_item))
 
 
 def _best_labels_dense(side: _Side, own, other, load, gamma, k):
@@ -444,7 +446,7 @@ class _TwoHop:
         degree = torch.zeros(users.num_nodes, dtype=torch.float64, device=dev).index_add_(0, users.src,
                                                                                          users.wt.double())
         self.user_value = _on_grid(users.wt.double() / degree[users.src]).clamp_min(_GRID)  # i's weight in u's histogram
-        item_value = self.user_value[torch.argsort(users.dst * users.num_nodes + users.src)]  # same, in item order
+        item_value = self.user_value[items.from_users]  # same, in item order
         self.self_weight = torch.zeros(items.num_nodes, dtype=torch.float64, device=dev).index_add_(
             0, items.src, _on_grid(items.wt.double() * item_value))
         per_user = torch.zeros(users.num_nodes, dtype=torch.float64, device=dev).index_add_(0, users.src,
