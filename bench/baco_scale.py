@@ -2,6 +2,7 @@
 
     nice -n 10 python bench/baco_scale.py --items 1000000 --interactions 10000000
     nice -n 10 python bench/baco_scale.py --items 1000000 --interactions 10000000 --co-cluster 250000
+    nice -n 10 python bench/baco_scale.py --threads 1 --torch-path  # the refinement without the C++ kernels
 
 The log is ``bench/assign_codes_scale.power_law_log`` (Zipf-like item popularity), the same one the
 svd strategy is timed on, so the two JSON files compare directly.
@@ -21,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.assign_codes_scale import log_parser, power_law_log  # noqa: E402
 from bench.peers import machine  # noqa: E402
-from recjpq.codes import co_cluster  # noqa: E402
-from recjpq.codes.baco import item_codes  # noqa: E402
+from recjpq.codes import baco, co_cluster  # noqa: E402
 
 
 def _peak_rss_mb() -> float:
@@ -47,21 +47,30 @@ def main(argv=None):
     p.add_argument("--sweeps", type=int, default=10, help="item_codes sweeps per refined split")
     p.add_argument("--co-cluster", type=int, default=0, metavar="K",
                    help="also time co_cluster with K clusters and K secondary user clusters")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--torch-path", action="store_true",
+                   help="refine with the pure-torch reference instead of the C++ kernels (recjpq._C)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.torch_path:
+        baco._native_two_hop = lambda device: False
+    two_hop = "native" if baco._native_two_hop(torch.device("cpu")) else "torch"
     log = power_law_log(args.users, args.items, args.interactions)
     rss_before = _peak_rss_mb()
     load_before = _load_average()
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     splits = []  # per refined split: sweeps, items changed, objective before/after, and when it ended
-    codes = item_codes(log, args.items, args.splits, seed=0, refined_splits=args.refined_splits, sweeps=args.sweeps,
-                       progress=lambda r: splits.append({**r, "at_seconds": round(time.perf_counter() - t0, 1)})
-                       if "items_changed" in r else None)
+    codes = baco.item_codes(log, args.items, args.splits, seed=0, refined_splits=args.refined_splits,
+                            sweeps=args.sweeps,
+                            progress=lambda r: splits.append({**r, "at_seconds": round(time.perf_counter() - t0, 1)})
+                            if "items_changed" in r else None)
     seconds, cpu_seconds = time.perf_counter() - t0, _cpu_seconds() - cpu0
     counts = np.stack([np.bincount(codes[:, m].numpy(), minlength=256) for m in range(args.splits)])
     unique = np.unique(codes.numpy(), axis=0).shape[0] / args.items
     result = {"items": args.items, "users": args.users, "interactions": args.interactions,
               "splits": args.splits, "strategy": "baco", "refined_splits": args.refined_splits,
-              "sweeps": args.sweeps, "seconds": round(seconds, 2), "refinement": splits,
+              "sweeps": args.sweeps, "two_hop": two_hop, "seconds": round(seconds, 2), "refinement": splits,
               "cpu_seconds": round(cpu_seconds, 2), "peak_rss_mb": round(_peak_rss_mb()),
               "rss_after_log_mb": round(rss_before),
               "code_count_min": int(counts.min()), "code_count_max": int(counts.max()),
@@ -77,7 +86,8 @@ def main(argv=None):
                                 "item_clusters_used": int(torch.unique(cc.item_clusters).numel())}
     print(json.dumps(result, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "" if args.refined_splits is None else f"_refined{args.refined_splits}"
+    tag = ("" if args.refined_splits is None else f"_refined{args.refined_splits}") + (
+        "_torch_path" if args.torch_path else "") + (f"_threads{args.threads}" if (args.threads or 1) > 1 else "")
     (args.out / f"baco_scale_{args.items}{tag}.json").write_text(json.dumps(result, indent=1))
 
 

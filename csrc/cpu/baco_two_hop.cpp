@@ -116,7 +116,8 @@ void best_codes(const UserLists<Code>& users, const at::Tensor& item_indptr, con
       const int64_t begin = iptr[i], end = iptr[i + 1], own = code[i];
       if (begin == end && s[i] == 0.0 && self_w[i] == 0.0) continue;  // every score is 0: code 0, gain 0
       bool ok = true;
-      for (int64_t e = begin; e < std::min(end, begin + kPrefetchAhead); ++e) __builtin_prefetch(users.codes + ubegin[e]);
+      for (int64_t e = begin; e < std::min(end, begin + kPrefetchAhead); ++e)
+        __builtin_prefetch(users.codes + ubegin[e]);
       for (int64_t e = begin; e < end; ++e) {
         if (e + kPrefetchAhead < end) __builtin_prefetch(users.codes + ubegin[e + kPrefetchAhead]);
         const int64_t b = ubegin[e], f = uend[e];
