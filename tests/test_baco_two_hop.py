@@ -13,10 +13,10 @@ pytestmark = pytest.mark.skipif(not baco._native_two_hop(torch.device("cpu")),
 
 
 def weighted_log(num_users, num_items, nnz, seed, repeats=True):
-    """A log with items and users of no edge and, with ``repeats``, repeated pairs (integer weights
-    1-3, so users whose edges carry different weights)."""
+    """A log with items of no edge and, with ``repeats``, repeated pairs (integer weights 1-3, so
+    users whose edges carry different weights)."""
     rng = np.random.default_rng(seed)
-    users = rng.integers(0, num_users - 1, nnz)  # the last user has no edge
+    users = rng.integers(0, num_users, nnz)
     items = np.minimum(rng.pareto(1.0, nnz) * num_items / 10, num_items - 3).astype(np.int64)  # 2 items without
     if repeats:
         again = rng.random(nnz) < 0.3
@@ -25,10 +25,10 @@ def weighted_log(num_users, num_items, nnz, seed, repeats=True):
     return users, items
 
 
-def two_hops(log, num_items):
+def two_hops(log, num_items, k):
     users, items, weights, nu, ni = baco._edges(log, None, num_items, None)
     user_side, item_side = baco._sides(users, items, weights, nu, ni, 0.0)
-    return baco._TwoHop(user_side, item_side), baco._NativeTwoHop(user_side, item_side)
+    return baco._TwoHop(user_side, item_side), baco._NativeTwoHop(user_side, item_side, k)
 
 
 def brute_force(two_hop, codes, k, gamma):
@@ -49,11 +49,24 @@ def brute_force(two_hop, codes, k, gamma):
     return score.argmax(1), score.max(1) - score[rows, own], float(s[rows, own].sum())
 
 
-@pytest.mark.parametrize("k", [2, 5, 64, 256, 300])
+@pytest.mark.parametrize("k", [2, 5, 24, 64, 256, 300])
 @pytest.mark.parametrize("repeats", [False, True])
-def test_native_two_hop_matches_reference_and_brute_force(k, repeats):
+@pytest.mark.parametrize("dense_budget", [None, 4])
+def test_native_two_hop_matches_reference_and_brute_force(k, repeats, dense_budget, monkeypatch):
+    """Users with more than K / 2 edges come as dense rows (all of them at K = 2 and 5, some at 24,
+    none from 64 on), the heaviest first within the budget (4 rows with ``dense_budget``)."""
+    if dense_budget:
+        monkeypatch.setattr(baco, "_DENSE_BUDGET", 2 * dense_budget * k)
     num_items = 257
-    reference, native = two_hops(weighted_log(70, num_items, 900, seed=k, repeats=repeats), num_items)
+    reference, native = two_hops(weighted_log(70, num_items, 900, seed=k, repeats=repeats), num_items, k)
+    degree = native.users.indptr.diff()
+    heavy = int((degree > k // 2).sum())
+    assert native.num_dense == (min(heavy, dense_budget) if dense_budget else heavy)
+    dense = torch.zeros_like(degree, dtype=torch.bool)
+    dense[native.items.dst[native.dense_slot >= 0]] = True
+    assert int(dense.sum()) == native.num_dense
+    assert native.num_dense == 0 or int(degree[dense].min()) >= max(degree[~dense].tolist(), default=0)
+    assert heavy == {2: 70, 5: 70}.get(k, heavy) and (k != 24 or 0 < heavy < 70) and (k < 64 or heavy == 0)
     g = torch.Generator().manual_seed(k)
     codes = torch.randint(0, k, (num_items,), generator=g)
     volume = torch.zeros(k, dtype=torch.float64).index_add_(0, codes, reference.strength)
@@ -61,7 +74,7 @@ def test_native_two_hop_matches_reference_and_brute_force(k, repeats):
     everyone = torch.arange(num_items)
     drawn = (torch.rand(num_items, generator=g) < 0.5).nonzero().squeeze(1)
     ref_state, nat_state = reference.state(codes, k), native.state(codes, k)
-    assert nat_state.dtype == (torch.uint8 if k <= 256 else torch.int32)
+    assert nat_state[0].dtype == (torch.uint8 if k <= 256 else torch.int32)
     for idx in (everyone, drawn, everyone[:1], everyone[:0]):
         best, gain = native.best(nat_state, codes, idx, volume, gamma)
         ref_best, ref_gain = reference.best(ref_state, codes, idx, volume, gamma)
@@ -85,8 +98,8 @@ def test_item_codes_same_with_and_without_the_kernels(monkeypatch):
 
 
 def test_native_two_hop_same_for_any_thread_count():
-    reference, native = two_hops(weighted_log(400, 3000, 20000, seed=4), 3000)
     k = 256
+    reference, native = two_hops(weighted_log(400, 3000, 20000, seed=4), 3000, k)
     codes = torch.randint(0, k, (3000,), generator=torch.Generator().manual_seed(0))
     volume = torch.zeros(k, dtype=torch.float64).index_add_(0, codes, native.strength)
     threads, runs = torch.get_num_threads(), []
@@ -103,22 +116,26 @@ def test_native_two_hop_same_for_any_thread_count():
 
 def kernel_args(native, state, codes, idx, volume):
     users, items = native.users, native.items
-    return [items.indptr, native.item_weight, native.user_begin, native.user_end, native.user_shared, users.indptr,
-            native.uniform_value, state, native.user_value, idx, codes, native.self_weight, native.strength, volume,
-            0.5]
+    edge_codes, dense = state
+    return [items.indptr, native.item_weight, native.user_begin, native.user_end, native.user_shared,
+            native.dense_slot, dense, users.indptr, native.uniform_value, edge_codes, native.user_value, idx, codes,
+            native.self_weight, native.strength, volume, 0.5]
 
 
 @pytest.mark.parametrize("position,change,match", [
-    (9, lambda a: torch.tensor([0, 40]), "out of range"),  # items: an id past the last item
-    (10, lambda a: a[10] + 8, "out of range"),  # codes: an item's own code >= K
-    (9, lambda a: a[9].double(), "contiguous 1-D Long"),
+    (11, lambda a: torch.tensor([0, 40]), "out of range"),  # items: an id past the last item
+    (12, lambda a: a[12] + 16, "out of range"),  # codes: an item's own code >= K
+    (11, lambda a: a[11].double(), "contiguous 1-D Long"),
     (2, lambda a: a[3] + 1, "bad indptr"),  # user_begin past user_end
-    (12, lambda a: a[12][:-1], "inconsistent sizes"),  # strength
+    (14, lambda a: a[14][:-1], "inconsistent sizes"),  # strength
     (0, lambda a: a[0].flip(0), "out of range"),  # a decreasing item_indptr
+    (5, lambda a: a[5].clamp_min(0) + a[6].shape[0], "out of range"),  # dense_slot past the dense rows
+    (6, lambda a: a[6][:, :-1], r"\[R, K\]"),  # dense rows narrower than K
 ])
 def test_native_best_codes_rejects_bad_input(position, change, match):
-    _, native = two_hops(weighted_log(20, 40, 200, seed=0), 40)
-    k = 8
+    k = 16  # users with more than 8 edges come as dense rows, the others as code lists
+    _, native = two_hops(weighted_log(20, 40, 200, seed=0), 40, k)
+    assert 0 < native.num_dense < 19
     codes = torch.arange(40) % k
     args = kernel_args(native, native.state(codes, k), codes, torch.arange(40), torch.ones(k, dtype=torch.float64))
     args[position] = change(args)
@@ -127,14 +144,16 @@ def test_native_best_codes_rejects_bad_input(position, change, match):
 
 
 @pytest.mark.parametrize("k,dtype", [(8, torch.uint8), (300, torch.int32)])
-def test_native_kernels_reject_edge_codes_out_of_range(k, dtype):
-    _, native = two_hops(weighted_log(20, 40, 200, seed=1), 40)
+def test_native_kernels_reject_edge_codes_out_of_range(k, dtype, monkeypatch):
+    monkeypatch.setattr(baco, "_DENSE_BUDGET", 0)  # no dense rows: every user walks its code list
+    _, native = two_hops(weighted_log(20, 40, 200, seed=1), 40, k)
     codes = torch.arange(40) % k
-    state = native.state(codes, k).clone()
-    state[3] = k if dtype == torch.uint8 else -1
+    edge_codes, dense = native.state(codes, k)
+    edge_codes = edge_codes.clone()
+    edge_codes[3] = k if dtype == torch.uint8 else -1
     with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.recjpq_cpu.baco_best_codes(*kernel_args(native, state, codes, torch.arange(40),
+        torch.ops.recjpq_cpu.baco_best_codes(*kernel_args(native, (edge_codes, dense), codes, torch.arange(40),
                                                           torch.ones(k, dtype=torch.float64)))
     with pytest.raises(RuntimeError, match="out of"):
-        torch.ops.recjpq_cpu.baco_inside(native.users.indptr, native.uniform_value, state, native.user_value,
+        torch.ops.recjpq_cpu.baco_inside(native.users.indptr, native.uniform_value, edge_codes, native.user_value,
                                          native.user_weight, k)

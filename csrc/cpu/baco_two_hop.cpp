@@ -78,11 +78,13 @@ UserLists<Code> user_lists(const at::Tensor& user_indptr, const at::Tensor& user
 // (first maximum: ties go to the lower code) and its gain over the item's own code. The item side
 // comes per item edge e = (i, u) in item CSR order: its weight w_ui, u's edge list [user_begin[e],
 // user_end[e]) and u's shared weight (negative if u has none), so that the only read at random is
-// the user's codes, requested a few edges ahead.
+// the user's codes, requested a few edges ahead. Users with many edges (dense_slot[e] >= 0) come as
+// rows of dense_rows [R, K], their code histograms: K vectorised multiply-adds instead of a walk
+// of more than K/2 scattered ones.
 template <typename Code>
 void best_codes(const UserLists<Code>& users, const at::Tensor& item_indptr, const at::Tensor& item_weights,
                 const at::Tensor& user_begin, const at::Tensor& user_end, const at::Tensor& user_shared,
-                const at::Tensor& items,
+                const at::Tensor& dense_slot, const at::Tensor& dense_rows, const at::Tensor& items,
                 const at::Tensor& codes, const at::Tensor& self_weight, const at::Tensor& strength,
                 const at::Tensor& volume, double gamma, at::Tensor& best, at::Tensor& gain) {
   const int64_t num_items = codes.numel(), item_edges = item_weights.numel(), K = users.K, n = items.numel();
@@ -91,6 +93,9 @@ void best_codes(const UserLists<Code>& users, const at::Tensor& item_indptr, con
   const int64_t* ubegin = user_begin.data_ptr<int64_t>();
   const int64_t* uend = user_end.data_ptr<int64_t>();
   const double* shared = user_shared.data_ptr<double>();
+  const int32_t* slots = dense_slot.data_ptr<int32_t>();
+  const double* dense = dense_rows.data_ptr<double>();
+  const int64_t num_dense = dense_rows.size(0);
   const int64_t* item_ids = items.data_ptr<int64_t>();
   const int64_t* code = codes.data_ptr<int64_t>();
   const double* self_w = self_weight.data_ptr<double>();
@@ -120,6 +125,18 @@ void best_codes(const UserLists<Code>& users, const at::Tensor& item_indptr, con
         __builtin_prefetch(users.codes + ubegin[e]);
       for (int64_t e = begin; e < end; ++e) {
         if (e + kPrefetchAhead < end) __builtin_prefetch(users.codes + ubegin[e + kPrefetchAhead]);
+        const int64_t slot = slots[e];
+        if (slot >= 0) {  // a heavy user: its histogram row, K-wide
+          if (slot >= num_dense) {
+            ok = false;
+            continue;
+          }
+          const double* hist = dense + slot * K;
+          const double w = iw[e];
+#pragma omp simd
+          for (int64_t c = 0; c < K; ++c) row[c] += w * hist[c];
+          continue;
+        }
         const int64_t b = ubegin[e], f = uend[e];
         ok = ok && b >= 0 && b <= f && f <= users.edges && users.add(b, f, iw[e], shared[e], row);
       }
@@ -150,7 +167,8 @@ void best_codes(const UserLists<Code>& users, const at::Tensor& item_indptr, con
 
 std::tuple<at::Tensor, at::Tensor> baco_best_codes(const at::Tensor& item_indptr, const at::Tensor& item_weights,
                                                    const at::Tensor& user_begin, const at::Tensor& user_end,
-                                                   const at::Tensor& user_shared, const at::Tensor& user_indptr,
+                                                   const at::Tensor& user_shared, const at::Tensor& dense_slot,
+                                                   const at::Tensor& dense_rows, const at::Tensor& user_indptr,
                                                    const at::Tensor& user_value, const at::Tensor& edge_codes,
                                                    const at::Tensor& edge_values, const at::Tensor& items,
                                                    const at::Tensor& codes, const at::Tensor& self_weight,
@@ -161,6 +179,10 @@ std::tuple<at::Tensor, at::Tensor> baco_best_codes(const at::Tensor& item_indptr
   check_vector(user_begin, at::kLong, "user_begin");
   check_vector(user_end, at::kLong, "user_end");
   check_vector(user_shared, at::kDouble, "user_shared");
+  check_vector(dense_slot, at::kInt, "dense_slot");
+  TORCH_CHECK(dense_rows.device().is_cpu() && dense_rows.scalar_type() == at::kDouble && dense_rows.dim() == 2 &&
+                  dense_rows.is_contiguous() && dense_rows.size(1) == volume.numel(),
+              "recjpq_cpu: dense_rows must be a contiguous float64 CPU tensor [R, K]");
   check_vector(items, at::kLong, "items");
   check_vector(codes, at::kLong, "codes");
   check_vector(self_weight, at::kDouble, "self_weight");
@@ -169,6 +191,7 @@ std::tuple<at::Tensor, at::Tensor> baco_best_codes(const at::Tensor& item_indptr
   const int64_t num_items = codes.numel(), item_edges = item_weights.numel(), K = volume.numel();
   TORCH_CHECK(K >= 1 && item_indptr.numel() == num_items + 1 && user_begin.numel() == item_edges &&
                   user_end.numel() == item_edges && user_shared.numel() == item_edges &&
+                  dense_slot.numel() == item_edges &&
                   self_weight.numel() == num_items && strength.numel() == num_items,
               "recjpq_cpu: baco_best_codes got inconsistent sizes");
   at::Tensor best = at::empty({items.numel()}, items.options());
@@ -176,11 +199,13 @@ std::tuple<at::Tensor, at::Tensor> baco_best_codes(const at::Tensor& item_indptr
   if (edge_codes.scalar_type() == at::kByte) {
     check_vector(edge_codes, at::kByte, "edge_codes");
     best_codes(user_lists<uint8_t>(user_indptr, user_value, edge_codes, edge_values, K), item_indptr, item_weights,
-               user_begin, user_end, user_shared, items, codes, self_weight, strength, volume, gamma, best, gain);
+               user_begin, user_end, user_shared, dense_slot, dense_rows, items, codes, self_weight, strength, volume,
+               gamma, best, gain);
   } else {
     check_vector(edge_codes, at::kInt, "edge_codes");
     best_codes(user_lists<int32_t>(user_indptr, user_value, edge_codes, edge_values, K), item_indptr, item_weights,
-               user_begin, user_end, user_shared, items, codes, self_weight, strength, volume, gamma, best, gain);
+               user_begin, user_end, user_shared, dense_slot, dense_rows, items, codes, self_weight, strength, volume,
+               gamma, best, gain);
   }
   return {best, gain};
 }
@@ -235,7 +260,8 @@ at::Tensor baco_inside(const at::Tensor& user_indptr, const at::Tensor& user_val
 
 TORCH_LIBRARY_FRAGMENT(recjpq_cpu, m) {
   m.def("baco_best_codes(Tensor item_indptr, Tensor item_weights, Tensor user_begin, Tensor user_end, "
-        "Tensor user_shared, Tensor user_indptr, Tensor user_value, Tensor edge_codes, Tensor edge_values, "
+        "Tensor user_shared, Tensor dense_slot, Tensor dense_rows, Tensor user_indptr, Tensor user_value, "
+        "Tensor edge_codes, Tensor edge_values, "
         "Tensor items, Tensor codes, Tensor self_weight, Tensor strength, Tensor volume, float gamma) "
         "-> (Tensor, Tensor)",
         &baco_best_codes);
