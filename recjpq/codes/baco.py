@@ -505,9 +505,9 @@ class _NativeTwoHop(_TwoHop):
     users' edge lists (item codes, one byte each for K <= 256) into one K-wide row, so a sweep costs
     two-hop paths instead of K per edge and reads no dense histogram, except for users with more
     than ``K / 2`` edges: their dense histogram rows (at most ``_DENSE_BUDGET / 2`` elements, the
-    heaviest users first) cost K vectorised multiply-adds instead (twice as fast on ML-1M, where
-    users have 165 items on average; K / 4 was slower on the synthetic log of 50 per user). With integer edge weights every
-    sum is exact, so the codes equal the reference's."""
+    heaviest users first) cost K vectorised multiply-adds instead. That halves the scoring time on
+    ML-1M (165 items per user); a K / 4 threshold was slower on a log of 50 items per user. With
+    integer edge weights every sum is exact, so the codes equal the reference's."""
 
     def __init__(self, users: _Side, items: _Side, k: int):
         super().__init__(users, items)
@@ -523,7 +523,7 @@ class _NativeTwoHop(_TwoHop):
         self.user_begin, self.user_end = users.indptr[items.dst], users.indptr[items.dst + 1]
         self.user_shared = self.uniform_value[items.dst]
         degree = users.indptr[1:] - users.indptr[:-1]
-        by_degree = torch.argsort(degree, descending=True, stable=True)[:max(0, _DENSE_BUDGET // (2 * k))]
+        by_degree = torch.argsort(degree, descending=True, stable=True)[:_DENSE_BUDGET // (2 * k)]
         heavy = by_degree[degree[by_degree] > k // 2]
         slot = torch.full((users.num_nodes,), -1, dtype=torch.int64, device=dev)
         slot[heavy] = torch.arange(heavy.numel(), device=dev)
@@ -652,12 +652,13 @@ def item_codes(interactions, num_items: int, num_splits: int, num_codes: int = 2
         order = torch.argsort(spectrum[:, m], stable=True)
         codes[order, m] = torch.arange(ni, device=users.device) * k // ni
         if m < refined:
-            column = codes[:, m].clone()  # contiguous, for the C++ kernels
+            start = codes[:, m].clone()
+            column = start.clone()  # contiguous, for the C++ kernels
             ran, before, after = _refine_split(two_hop, column, k, resolution=resolution, slack=slack,
                                                min_room=min_room, sweeps=sweeps, tolerance=tolerance,
                                                fraction=move_fraction, generator=gen, report=report,
                                                stage=f"split {m}")
-            start, codes[:, m] = codes[:, m].clone(), column
+            codes[:, m] = column
             if report is not None:
                 counts = torch.bincount(codes[:, m], minlength=k)
                 report({"stage": f"split {m}", "sweeps": ran,
