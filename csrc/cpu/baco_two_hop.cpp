@@ -42,20 +42,27 @@ struct UserLists {
   bool check_codes;  // false when no Code value can reach K (uint8 codes, K >= 256)
 
   // row[c] += w * hist[u, c] over edges [begin, end) of one user, whose edges share the weight
-  // v (v >= 0) or not (v < 0); false if a code is out of range (the row is then incomplete)
+  // v (v >= 0) or not (v < 0); false if a code is out of range (the row is then incomplete). Each
+  // code is read once, checked and used.
   bool add(int64_t begin, int64_t end, double w, double v, double* row) const {
     if (check_codes) {
-      bool in_range = true;
-      for (int64_t p = begin; p < end; ++p) in_range &= static_cast<uint64_t>(codes[p]) < static_cast<uint64_t>(K);
-      if (!in_range) return false;
+      return v >= 0.0 ? walk<true, true>(begin, end, w, v, row) : walk<true, false>(begin, end, w, v, row);
     }
-    if (v >= 0.0) {
-      const double wv = w * v;
-      for (int64_t p = begin; p < end; ++p) row[codes[p]] += wv;
-    } else {
-      for (int64_t p = begin; p < end; ++p) row[codes[p]] += w * values[p];
+    return v >= 0.0 ? walk<false, true>(begin, end, w, v, row) : walk<false, false>(begin, end, w, v, row);
+  }
+  template <bool kCheck, bool kShared>
+  bool walk(int64_t begin, int64_t end, double w, double v, double* row) const {
+    const double wv = w * v;
+    for (int64_t p = begin; p < end; ++p) {
+      const uint64_t c = static_cast<uint64_t>(codes[p]);
+      if (kCheck && c >= static_cast<uint64_t>(K)) return false;
+      row[c] += kShared ? wv : w * values[p];
     }
     return true;
+  }
+  // The code of edge p, clamped into [0, K): for reads after add() has checked the codes.
+  uint64_t code(int64_t p) const {
+    return std::min(static_cast<uint64_t>(codes[p]), static_cast<uint64_t>(K - 1));
   }
 };
 
@@ -113,12 +120,15 @@ void best_codes(const UserLists<Code>& users, const at::Tensor& item_indptr, con
     for (int64_t t = unit * kRowsPerUnit; t < stop; ++t) {
       const int64_t i = item_ids[t];
       best_out[t] = 0, gain_out[t] = 0.0;
-      if (i < 0 || i >= num_items || iptr[i] < 0 || iptr[i] > iptr[i + 1] || iptr[i + 1] > item_edges ||
-          code[i] < 0 || code[i] >= K) {
+      if (i < 0 || i >= num_items) {
         bad.store(true, std::memory_order_relaxed);
         continue;
       }
       const int64_t begin = iptr[i], end = iptr[i + 1], own = code[i];
+      if (begin < 0 || begin > end || end > item_edges || own < 0 || own >= K) {
+        bad.store(true, std::memory_order_relaxed);
+        continue;
+      }
       if (begin == end && s[i] == 0.0 && self_w[i] == 0.0) continue;  // every score is 0: code 0, gain 0
       bool ok = true;
       for (int64_t e = begin; e < std::min(end, begin + kPrefetchAhead); ++e)
@@ -233,8 +243,8 @@ at::Tensor inside_per_user(const UserLists<Code>& users, const at::Tensor& edge_
         continue;
       }
       double sum = 0.0;
-      for (int64_t p = begin; p < end; ++p) sum += ew[p] * hist[users.codes[p]];
-      for (int64_t p = begin; p < end; ++p) hist[users.codes[p]] = 0.0;
+      for (int64_t p = begin; p < end; ++p) sum += ew[p] * hist[users.code(p)];
+      for (int64_t p = begin; p < end; ++p) hist[users.code(p)] = 0.0;
       out[u] = sum;
     }
   };
