@@ -9,7 +9,7 @@ import torch
 from recjpq.codes import baco
 
 pytestmark = pytest.mark.skipif(not baco._native_two_hop(torch.device("cpu")),
-                                reason="the compiled extension recjpq._C is missing (RECJPQ_NO_EXT=1 build)")
+                                reason="recjpq._C is missing (RECJPQ_NO_EXT=1) or predates the kernels")
 
 
 def weighted_log(num_users, num_items, nnz, seed, repeats=True):

@@ -554,10 +554,11 @@ class _NativeTwoHop(_TwoHop):
 
 
 def _native_two_hop(device) -> bool:
-    """Whether the refinement can use the C++ kernels (``recjpq._C`` built, tensors on the CPU)."""
+    """Whether the refinement can use the C++ kernels: ``recjpq._C`` built with them (an older build
+    lacks them), tensors on the CPU."""
     from recjpq.backends.cpu import unavailable_reason
 
-    return unavailable_reason(torch.device(device)) is None
+    return unavailable_reason(torch.device(device)) is None and hasattr(torch.ops.recjpq_cpu, "baco_best_codes")
 
 
 def _refine_split(two_hop: _TwoHop, codes, k: int, *, resolution, slack, min_room, sweeps, tolerance, fraction,
