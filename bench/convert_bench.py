@@ -46,6 +46,8 @@ def load_dense(checkpoint: str, data_path: str):
 def settings_label(settings: dict) -> str:
     """What a run changed from the defaults, for the table: history protocol, OPQ, encoder, alpha."""
     parts = ["history excluded" if settings.get("exclude_seen") else "history ranked"]
+    if settings.get("metric"):
+        parts.append("query metric")
     if settings.get("rotate"):
         parts.append("OPQ")
     if settings.get("train_encoder"):
@@ -103,6 +105,8 @@ def main(argv=None) -> None:
     p.add_argument("--train-encoder", action="store_true")
     p.add_argument("--encoder-lr", type=float, default=1e-4)
     p.add_argument("--rotate", action="store_true")
+    p.add_argument("--metric", choices=("queries",),
+                   help="quantise for the teacher's score error on its training queries (distill's metric)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude-seen", action="store_true",
@@ -153,6 +157,7 @@ def main(argv=None) -> None:
         result = distill(model, split.train, m, args.num_codes, time_limit=args.time_limit,
                          batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, temperature=args.temperature,
                          train_encoder=args.train_encoder, encoder_lr=args.encoder_lr, rotate=args.rotate,
+                         metric=args.metric,
                          seed=args.seed, clock=args.clock, callback=point, callback_every=args.eval_every,
                          progress=False)
         final = curve[-1]

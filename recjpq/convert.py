@@ -204,9 +204,41 @@ def _procrustes(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (u @ vt).to(x.dtype)
 
 
+def query_metric(queries: torch.Tensor) -> torch.Tensor:
+    """``E[q q^T]`` ``[d, d]`` of query vectors ``[n, d]`` (sequence states): the matrix for which
+    ``delta^T Sigma delta`` is the mean squared score error ``q . delta`` over these queries
+    (``quantize``'s ``metric``)."""
+    if not isinstance(queries, torch.Tensor) or queries.dim() != 2 or queries.shape[0] == 0 or \
+            not queries.is_floating_point():
+        raise ValueError(f"queries must be a non-empty floating [n, d] tensor, got "
+                         f"{getattr(queries, 'shape', type(queries).__name__)}")
+    q = queries.detach().double()
+    return (q.T @ q / q.shape[0]).to(queries.dtype)
+
+
+def _metric_roots(metric: torch.Tensor, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Sigma^(1/2), Sigma^(-1/2))`` of a symmetric PSD ``[d, d]`` metric, eigenvalues floored at
+    1e-6 of the largest so the inverse root stays finite on a rank-deficient one."""
+    if not isinstance(metric, torch.Tensor) or metric.shape != (dim, dim) or not metric.is_floating_point():
+        raise ValueError(f"metric must be a floating [{dim}, {dim}] tensor, got "
+                         f"{getattr(metric, 'shape', type(metric).__name__)}")
+    m = metric.detach().double().to(device)
+    if not bool(torch.isfinite(m).all()) or not torch.allclose(m, m.T, rtol=1e-4, atol=1e-6 * float(m.abs().max())):
+        raise ValueError("metric must be a finite symmetric matrix")
+    m = (m + m.T) / 2
+    values, vectors = torch.linalg.eigh(m)
+    if float(values[-1]) <= 0 or float(values[0]) < -1e-6 * float(values[-1]):
+        raise ValueError("metric must be positive semi-definite with a positive eigenvalue")
+    values = values.clamp(min=1e-6 * float(values[-1]))
+    root = (vectors * values.sqrt()) @ vectors.T
+    inverse = (vectors * values.rsqrt()) @ vectors.T
+    return root.float(), inverse.float()
+
+
 def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method: str = "kmeans", *,
              iters: int = 25, rotate: bool = False, opq_iters: int = 10, train_size: int | None = None,
-             padding_idx: int | None = None, unique: bool = True, seed: int = 0, progress: bool = False):
+             padding_idx: int | None = None, unique: bool = True, metric: torch.Tensor | None = None, seed: int = 0,
+             progress: bool = False):
     """Product-quantise an item matrix.
 
     Args:
@@ -222,12 +254,19 @@ def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method
         unique: give every item (the padding row aside) its own code row when K^M allows it
             (an item whose nearest row is taken moves to the free row closest to it), so no two
             items always tie.
+        metric: ``[d, d]`` symmetric positive semi-definite matrix Sigma (``query_metric(queries)``:
+            the queries' second moment ``E[q q^T]``): minimise ``(e - e_hat)^T Sigma (e - e_hat)``,
+            the mean squared *score* error ``E[(q . (e - e_hat))^2]`` over those queries, instead of
+            ``||e - e_hat||^2``. The table is quantised as ``e @ Sigma^(1/2)`` (then OPQ inside that
+            space with ``rotate``) and mapped back through the returned ``rotation``, which is then
+            not orthogonal.
         progress: tqdm bars for the OPQ and k-means rounds and the final assignment.
 
     Returns:
         ``(codes [N, M], centroids [M, K, d / M])``, codes in the narrowest dtype for K; with
-        ``rotate=True`` also ``rotation [d, d]`` (orthogonal): item i is approximated by
-        ``decode(codes[i]) @ rotation.T``, so a query q scores ``(q @ rotation)`` against the codes.
+        ``rotate=True`` or a ``metric`` also ``rotation [d, d]``: item i is approximated by
+        ``decode(codes[i]) @ rotation.T``, so a query q scores ``(q @ rotation)`` against the codes
+        (orthogonal for OPQ alone; ``Sigma^(-1/2) @ opq_rotation`` with a metric).
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -256,6 +295,10 @@ def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method
     x = weight.detach().float()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("weight contains non-finite values (nan or inf)")
+    unwhiten = None
+    if metric is not None:
+        whiten, unwhiten = _metric_roots(metric, dim, x.device)
+        x = x @ whiten
     generator = torch.Generator().manual_seed(seed)
     fit_rows = torch.arange(num_items)
     if padding_idx is not None and num_items > 1:
@@ -284,6 +327,8 @@ def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method
         centroids = train(fit, iters, centroids)
     else:
         centroids = train(fit, iters)
+    if unwhiten is not None:
+        rotation = unwhiten if rotation is None else unwhiten @ rotation
     x = _split(x, num_splits)
     codes = _nearest(x, centroids, progress).T
     if unique:
@@ -445,33 +490,56 @@ class DistillResult:
     losses: list[float] = field(default_factory=list)
 
 
-def _sequence_states(model: nn.Module, teacher: nn.Module, style: str, rows: list[np.ndarray], max_len: int,
-                     rng: np.random.Generator):
-    """Student and teacher states ``[T, d]`` at every position of a batch of training sequences
-    that has a next item, and those next items ``[T]`` (ids)."""
+def _training_inputs(model: nn.Module, style: str, rows: list[np.ndarray], max_len: int, rng: np.random.Generator):
+    """A batch of training sequences as the model reads them, and the item id each position
+    predicts (0 where none)."""
     device = next(model.parameters()).device
     if style == "recjpq":
         causal = model.config["model"] != "bert4rec"
         seqs = pad_left(rows, model.batch_width(rows, max_len + causal)).to(device)
-        inputs, targets = model.training_example(seqs, rng)
-        hidden = model.encode(inputs)
-        with torch.no_grad():
-            teacher_hidden = teacher.encode(inputs)
-    else:  # sasrec.pytorch: numpy left-padded log_seqs, positions predict the next item
-        seqs = pad_left(rows, max_len + 1)
-        inputs, targets = seqs[:, :-1].numpy(), seqs[:, 1:].to(device)
-        hidden = model.log2feats(inputs)
-        with torch.no_grad():
-            teacher_hidden = teacher.log2feats(inputs)
+        return model.training_example(seqs, rng)
+    seqs = pad_left(rows, max_len + 1)  # sasrec.pytorch: numpy left-padded log_seqs
+    return seqs[:, :-1].numpy(), seqs[:, 1:].to(device)
+
+
+def _states(model: nn.Module, style: str, inputs) -> torch.Tensor:
+    """The model's sequence state at every position ``[B, L, d]``."""
+    return model.encode(inputs) if style == "recjpq" else model.log2feats(inputs)
+
+
+def _sequence_states(model: nn.Module, teacher: nn.Module, style: str, rows: list[np.ndarray], max_len: int,
+                     rng: np.random.Generator):
+    """Student and teacher states ``[T, d]`` at every position of a batch of training sequences
+    that has a next item, and those next items ``[T]`` (ids)."""
+    inputs, targets = _training_inputs(model, style, rows, max_len, rng)
+    hidden = _states(model, style, inputs)
+    with torch.no_grad():
+        teacher_hidden = _states(teacher, style, inputs)
     has_target = targets != 0
     return hidden[has_target], teacher_hidden[has_target], targets[has_target]
+
+
+def _teacher_queries(teacher: nn.Module, style: str, train: list[np.ndarray], max_len: int, num_sequences: int,
+                     batch_size: int, seed: int) -> torch.Tensor:
+    """The teacher's states ``[T, d]`` at the training positions of up to ``num_sequences``
+    random training sequences: the queries ``metric="queries"`` quantises for."""
+    rng = np.random.default_rng(seed)
+    picked = rng.permutation(len(train))[:num_sequences]
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(picked), batch_size):
+            inputs, targets = _training_inputs(teacher, style, [train[j] for j in picked[start:start + batch_size]],
+                                               max_len, rng)
+            out.append(_states(teacher, style, inputs)[targets != 0])
+    return torch.cat(out)
 
 
 def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_codes: int = 256, *,
             steps: int | None = None, time_limit: float | None = None, epochs: int | None = None,
             batch_size: int = 128, lr: float = 2e-3, alpha: float = 0.5, temperature: float = 1.0,
             train_encoder: bool = False, encoder_lr: float = 1e-4, max_len: int | None = None,
-            chunk: int = 2048, seed: int = 0, clock: str = "wall",
+            chunk: int = 2048, metric: str | torch.Tensor | None = None, metric_sequences: int = 4096,
+            seed: int = 0, clock: str = "wall",
             callback: Callable[[int, float], None] | None = None, callback_every: int = 100, progress: bool = True,
             **quantize_kwargs) -> DistillResult:
     """Convert a trained dense model to PQ in place and fine-tune it with itself as the teacher.
@@ -484,6 +552,12 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     distribution at ``temperature``, over all items except the padding row, streamed in
     ``chunk``-item tiles. The sub-item embeddings train (Adam, ``lr``; codes fixed); with
     ``train_encoder`` the rest of the model too (``encoder_lr``), else it runs in eval mode.
+
+    ``metric="queries"`` quantises for the teacher's own queries: ``quantize``'s ``metric`` is
+    ``query_metric`` of the teacher's states at the training positions of ``metric_sequences``
+    random training sequences, so the codes minimise the score error ``q . (e - e_hat)`` rather
+    than ``||e - e_hat||`` (combine with ``rotate=True``: OPQ inside that space); a ``[d, d]``
+    tensor is passed on as it is.
 
     Stops after ``steps`` optimiser steps, ``time_limit`` seconds (of the whole conversion,
     quantisation included) or ``epochs`` passes, whichever comes first (one epoch if none is
@@ -509,6 +583,9 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     _check_positive_int("max_len", max_len)
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("callback_every", callback_every)
+    _check_positive_int("metric_sequences", metric_sequences)
+    if isinstance(metric, str) and metric != "queries":
+        raise ValueError(f'metric must be "queries", a [d, d] tensor or None, got {metric!r}')
     for name, value in (("steps", steps), ("epochs", epochs)):
         if value is not None:
             _check_positive_int(name, value)
@@ -527,6 +604,10 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if isinstance(metric, str):
+        metric = query_metric(_teacher_queries(teacher, style, train, max_len, metric_sequences, batch_size, seed))
+    if metric is not None:
+        quantize_kwargs["metric"] = metric
     pq = patch_item_scoring(model, num_splits, num_codes, seed=seed, **quantize_kwargs)
     result = DistillResult(pq, quantize_seconds=now() - start)
     teacher_table = teacher.item_emb if style == "sasrec.pytorch" else teacher.item_embedding

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from recjpq.convert import (RotatedPQEmbedding, distill, distillation_loss, finetune, quantize,
+from recjpq.convert import (RotatedPQEmbedding, distill, distillation_loss, finetune, quantize, query_metric,
                             valid_num_splits)
 from recjpq.models import SASRec
 from recjpq.nn import PQEmbedding
@@ -90,6 +90,64 @@ def test_rotation_is_orthogonal_and_helps_unbalanced_subspaces():
     plain = float((decode(*quantize(weight, 4, 16, iters=10)) - weight).square().mean())
     rotated = float((decode(codes, centroids, rotation) - weight).square().mean())
     assert rotated < 0.8 * plain
+
+
+def anisotropic_queries(n, dim=16, seed=0):
+    """Queries that live mostly in 3 directions (as a trained encoder's states do)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(99)))[0]
+    scales = torch.tensor([6.0, 4.0, 3.0] + [0.2] * (dim - 3))
+    return (torch.randn(n, dim, generator=g) * scales) @ basis.T
+
+
+def test_query_metric_lowers_the_score_error_on_the_queries():
+    """The metric trades reconstruction error in directions the queries ignore for score error
+    where they look: on held-out queries of the same distribution it beats plain k-means and OPQ."""
+    weight = torch.randn(1200, 16, generator=torch.Generator().manual_seed(7))
+    queries, held_out = anisotropic_queries(3000), anisotropic_queries(500, seed=1)
+    metric = query_metric(queries)
+    assert torch.allclose(metric, queries.T @ queries / len(queries), rtol=1e-4, atol=1e-4)
+
+    def score_error(out):
+        table = decode(*out)
+        return float((held_out @ (table - weight).T).square().mean())
+    plain = score_error(quantize(weight, 4, 16, iters=10))
+    opq = score_error(quantize(weight, 4, 16, iters=10, rotate=True, opq_iters=5))
+    out = quantize(weight, 4, 16, iters=10, rotate=True, opq_iters=5, metric=metric)
+    assert len(out) == 3 and not torch.allclose(out[2] @ out[2].T, torch.eye(16), atol=1e-2)  # not orthogonal
+    assert score_error(out) < 0.7 * min(plain, opq)
+    # the identity metric is plain k-means up to the (identity) rotation
+    same = quantize(weight, 4, 16, iters=10, metric=torch.eye(16))
+    assert torch.allclose(same[2], torch.eye(16), atol=1e-5)
+    assert torch.allclose(decode(*same), decode(*quantize(weight, 4, 16, iters=10)), atol=1e-4)
+
+
+def test_query_metric_table_scores_and_ranks_as_its_decoded_items():
+    weight = torch.randn(300, 16, generator=torch.Generator().manual_seed(8))
+    weight[0] = 0
+    dense = nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=0)
+    pq = PQEmbedding.from_dense(dense, 4, 16, iters=5, rotate=True, opq_iters=2,
+                                metric=query_metric(anisotropic_queries(800)))
+    assert isinstance(pq, RotatedPQEmbedding)
+    q = anisotropic_queries(6, seed=2)
+    table = pq.weight
+    assert torch.equal(table[0], torch.zeros(16))  # the padding row still embeds to zeros
+    scores = (q @ table.T).index_fill(1, torch.tensor([0]), 0.0)
+    assert torch.allclose(pq.score_all(q), scores, atol=1e-3)
+    assert torch.allclose(pq.score(q, torch.tensor([3, 7, 0])), scores[:, [3, 7, 0]], atol=1e-3)
+    values, ids = pq.topk(q, 8)
+    masked = scores.index_fill(1, torch.tensor([0]), float("-inf"))
+    assert torch.allclose(values, masked.topk(8).values, atol=1e-3)
+    assert torch.allclose(torch.gather(masked, 1, ids), values, atol=1e-3)
+
+
+@pytest.mark.parametrize("metric,match", [
+    (torch.eye(8), "metric must be"), (torch.ones(16, 16).triu(), "symmetric"),
+    (-torch.eye(16), "positive semi-definite"), (torch.full((16, 16), float("nan")), "finite"),
+    ("queries", "metric must be")])
+def test_bad_metric(metric, match):
+    with pytest.raises(ValueError, match=match):
+        quantize(torch.randn(50, 16), 4, 8, metric=metric)
 
 
 def test_padding_row_left_out_of_the_fit():
@@ -273,6 +331,37 @@ def test_distill_sasrec_pytorch_style_and_time_limit():
         before = quantized.log2feats(log_seqs)[:, -1] @ quantized.item_emb.weight.T
         assert torch.allclose(values, after.index_fill(1, torch.tensor([0]), float("-inf")).topk(5).values, atol=1e-4)
     assert teacher_agreement(after, teacher_scores) < teacher_agreement(before, teacher_scores)
+
+
+def test_distill_query_metric_quantises_for_the_teachers_queries():
+    """metric="queries": the table right after quantising (callback at step 0) scores the teacher's
+    own queries closer to the teacher than the OPQ table does, and still distils."""
+    import copy
+
+    from recjpq.data import pad_left
+    dense, data = trained_dense_sasrec()
+    with torch.no_grad():
+        queries = dense.query(pad_left(data, MAX_LEN))
+        teacher_scores = queries @ dense.item_embedding.weight[1:].T
+
+    def quantised_score_error(**kw):
+        model, errors = copy.deepcopy(dense), []
+
+        def at_step_0(step, seconds):
+            if step == 0:
+                with torch.no_grad():
+                    errors.append(float((queries @ model.item_embedding.weight[1:].T - teacher_scores).square().mean()))
+        result = distill(model, data, 4, 16, steps=3, batch_size=16, iters=5, rotate=True, opq_iters=3,
+                         callback=at_step_0, progress=False, **kw)
+        return errors[0], model, result
+    opq, _, _ = quantised_score_error()
+    error, model, result = quantised_score_error(metric="queries", metric_sequences=32)
+    rotation = model.item_embedding.rotation
+    assert isinstance(model.item_embedding, RotatedPQEmbedding) and result.steps == 3
+    assert not torch.allclose(rotation @ rotation.T, torch.eye(16), atol=1e-2)
+    assert error < opq
+    with pytest.raises(ValueError, match="metric"):
+        distill(copy.deepcopy(dense), data, 4, 16, steps=1, metric="items")
 
 
 def test_distill_refuses():
