@@ -52,6 +52,10 @@ def settings_label(settings: dict) -> str:
         parts.append("OPQ")
     if settings.get("train_encoder"):
         parts.append(f"encoder lr {settings['encoder_lr']:g}")
+    if settings.get("reassign_every"):
+        parts.append(f"codes reassigned every {settings['reassign_every']} steps")
+    if settings.get("lr", 2e-3) != 2e-3:
+        parts.append(f"lr {settings['lr']:g}")
     if settings.get("alpha", 0.5) != 0.5:
         parts.append(f"alpha {settings['alpha']:g}")
     return ", ".join(parts)
@@ -105,6 +109,8 @@ def main(argv=None) -> None:
     p.add_argument("--train-encoder", action="store_true")
     p.add_argument("--encoder-lr", type=float, default=1e-4)
     p.add_argument("--rotate", action="store_true")
+    p.add_argument("--reassign-every", type=int, default=None,
+                   help="steps between code reassignments to the trained sub-items (distill's reassign_every)")
     p.add_argument("--metric", choices=("queries",),
                    help="quantise for the teacher's score error on its training queries (distill's metric)")
     p.add_argument("--threads", type=int, default=1)
@@ -157,7 +163,7 @@ def main(argv=None) -> None:
         result = distill(model, split.train, m, args.num_codes, time_limit=args.time_limit,
                          batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, temperature=args.temperature,
                          train_encoder=args.train_encoder, encoder_lr=args.encoder_lr, rotate=args.rotate,
-                         metric=args.metric,
+                         metric=args.metric, reassign_every=args.reassign_every,
                          seed=args.seed, clock=args.clock, callback=point, callback_every=args.eval_every,
                          progress=False)
         final = curve[-1]
@@ -171,7 +177,8 @@ def main(argv=None) -> None:
                "ndcg@10_vs_dense": round(final["ndcg@10"] / base["ndcg@10"] - 1, 4),
                "item_table_bytes": table_bytes(model),
                "memory_ratio_vs_dense": round(base["item_table_bytes"] / table_bytes(model), 2),
-               "loss_first_last": [result.losses[0], result.losses[-1]] if result.losses else None, "curve": curve}
+               "loss_first_last": [result.losses[0], result.losses[-1]] if result.losses else None,
+               "codes_reassigned": result.reassigned, "curve": curve}
         log(f"M={m}: { {k: v for k, v in row.items() if k != 'curve'} }")
         rows.append(row)
 

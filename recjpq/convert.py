@@ -5,8 +5,11 @@
 PyTorch, on the weight's device), or the cheaper ``"svd"`` binning. ``rotate=True`` first learns
 an orthogonal rotation (OPQ, Ge et al. 2013: principal directions dealt over the splits, then
 alternating k-means and Procrustes) that balances the sub-spaces; it lowers the reconstruction
-error most when a few directions carry most of the variance. ``finetune`` then trains
-the sub-item embeddings with the model's own loss while the codes stay fixed.
+error most when a few directions carry most of the variance. ``metric=Sigma`` (the queries'
+second moment, ``query_metric``) quantises for the score error ``q . (e - e_hat)`` instead of
+``||e - e_hat||``: k-means in the ``Sigma^(1/2)`` space, what matters for ranking. ``distill``
+fine-tunes the result with the dense model as teacher; ``finetune`` trains the sub-item
+embeddings with the model's own loss while the codes stay fixed.
 """
 from __future__ import annotations
 
@@ -339,9 +342,11 @@ def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method
 
 
 class RotatedPQEmbedding(PQEmbedding):
-    """A ``PQEmbedding`` in an OPQ-rotated space: embeddings are ``decode(codes) @ rotation.T`` and
-    queries are rotated by ``rotation`` before the sub-item scores, so scores stay inner products
-    in the original space while every op (``score``, ``score_all``, ``topk``) is unchanged."""
+    """A ``PQEmbedding`` quantised in a transformed space: embeddings are ``decode(codes) @ rotation.T``
+    and queries are multiplied by ``rotation`` before the sub-item scores, so scores stay inner
+    products in the original space while every op (``score``, ``score_all``, ``topk``) is unchanged.
+    ``rotation`` is orthogonal for OPQ and a general invertible matrix for a query metric
+    (``quantize(..., metric=)``); nothing here assumes either."""
 
     def __init__(self, codes: torch.Tensor, dim: int, num_codes: int = 256, padding_idx: int | None = None, *,
                  rotation: torch.Tensor):
@@ -481,13 +486,15 @@ def distillation_loss(h: torch.Tensor, weight: torch.Tensor, teacher_h: torch.Te
 class DistillResult:
     """What ``distill`` did: the installed table, the seconds quantisation took, the optimiser
     steps taken, the seconds of the whole conversion (quantisation included, callbacks excluded)
-    and the loss of every step."""
+    the loss of every step and, with ``reassign_every``, how many items changed codes at each
+    reassignment."""
 
     embedding: PQEmbedding
     quantize_seconds: float = 0.0
     steps: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    reassigned: list[int] = field(default_factory=list)
 
 
 def _training_inputs(model: nn.Module, style: str, rows: list[np.ndarray], max_len: int, rng: np.random.Generator):
@@ -534,12 +541,32 @@ def _teacher_queries(teacher: nn.Module, style: str, train: list[np.ndarray], ma
     return torch.cat(out)
 
 
+def _reassign_codes(pq: PQEmbedding, teacher_weight: torch.Tensor, generator: torch.Generator) -> int:
+    """Give every item the (unique) code row whose decoded vector under the current sub-items is
+    nearest its teacher vector ``teacher_weight [N, d]`` (padding row aside), in the space the table
+    was quantised in (``teacher @ rotation^-T``: L2 there is the quantiser's metric). Returns how
+    many items changed codes."""
+    with torch.no_grad():
+        target = teacher_weight.float()
+        if isinstance(pq, RotatedPQEmbedding):
+            target = torch.linalg.solve(pq.rotation, target.T).T  # e @ R^-T, row by row
+        x = _split(target, pq.num_splits)
+        centroids = pq.subitem_embeddings.detach().float()
+        codes = _nearest(x, centroids).T
+        codes = _unique_rows(x, codes, centroids, pq.padding_idx, generator)
+        if pq.padding_idx is not None:
+            codes[pq.padding_idx] = pq.codes[pq.padding_idx].long()
+        changed = int((codes != pq.codes.long()).any(1).sum())
+        pq.codes.copy_(codes.to(pq.codes.dtype))
+    return changed
+
+
 def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_codes: int = 256, *,
             steps: int | None = None, time_limit: float | None = None, epochs: int | None = None,
             batch_size: int = 128, lr: float = 2e-3, alpha: float = 0.5, temperature: float = 1.0,
             train_encoder: bool = False, encoder_lr: float = 1e-4, max_len: int | None = None,
-            chunk: int = 2048, metric: str | torch.Tensor | None = None, metric_sequences: int = 4096,
-            seed: int = 0, clock: str = "wall",
+            chunk: int = 2048, metric: str | torch.Tensor | None = None, metric_sequences: int = 8192,
+            reassign_every: int | None = None, seed: int = 0, clock: str = "wall",
             callback: Callable[[int, float], None] | None = None, callback_every: int = 100, progress: bool = True,
             **quantize_kwargs) -> DistillResult:
     """Convert a trained dense model to PQ in place and fine-tune it with itself as the teacher.
@@ -558,6 +585,10 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     random training sequences, so the codes minimise the score error ``q . (e - e_hat)`` rather
     than ``||e - e_hat||`` (combine with ``rotate=True``: OPQ inside that space); a ``[d, d]``
     tensor is passed on as it is.
+
+    ``reassign_every``: every so many steps, each item takes the code row that best reconstructs
+    its teacher vector under the sub-items trained so far (in the quantiser's metric, rows kept
+    unique), so codes are not frozen at their k-means values.
 
     Stops after ``steps`` optimiser steps, ``time_limit`` seconds (of the whole conversion,
     quantisation included) or ``epochs`` passes, whichever comes first (one epoch if none is
@@ -584,6 +615,8 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("callback_every", callback_every)
     _check_positive_int("metric_sequences", metric_sequences)
+    if reassign_every is not None:
+        _check_positive_int("reassign_every", reassign_every)
     if isinstance(metric, str) and metric != "queries":
         raise ValueError(f'metric must be "queries", a [d, d] tensor or None, got {metric!r}')
     for name, value in (("steps", steps), ("epochs", epochs)):
@@ -629,6 +662,7 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     optimizer = torch.optim.Adam(groups)
     model.train(train_encoder)
     rng = np.random.default_rng(seed)
+    reassign_generator = torch.Generator().manual_seed(seed)
     bar = tqdm(total=steps, desc=f"distil M={num_splits}", disable=not progress, leave=False)
     spent, epoch = now() - start, 0
     done = time_limit is not None and spent >= time_limit
@@ -648,8 +682,10 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                spent += now() - start
                 result.steps += 1
+                if reassign_every is not None and result.steps % reassign_every == 0:
+                    result.reassigned.append(_reassign_codes(pq, teacher_table.weight.detach(), reassign_generator))
+                spent += now() - start
                 result.losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.losses[-1]:.4f}", seconds=f"{spent:.0f}")

@@ -364,6 +364,43 @@ def test_distill_query_metric_quantises_for_the_teachers_queries():
         distill(copy.deepcopy(dense), data, 4, 16, steps=1, metric="items")
 
 
+@pytest.mark.parametrize("kind", ["plain", "metric"])
+def test_reassigned_codes_reconstruct_the_teacher_better_and_stay_unique(kind):
+    """After the sub-items moved (as in training), reassignment never raises the teacher's
+    reconstruction error in the quantiser's metric (total), and no two items share a row."""
+    from recjpq.convert import _reassign_codes
+    weight = torch.randn(400, 16, generator=torch.Generator().manual_seed(9))
+    weight[0] = 0
+    metric = query_metric(anisotropic_queries(800)) if kind == "metric" else None
+    pq = PQEmbedding.from_dense(nn.Embedding.from_pretrained(weight, padding_idx=0), 4, 8, iters=5,
+                                metric=metric, rotate=kind == "metric", opq_iters=2)
+    with torch.no_grad():
+        pq.subitem_embeddings.add_(0.3 * torch.randn(pq.subitem_embeddings.shape,
+                                                     generator=torch.Generator().manual_seed(1)))
+    weigh = torch.eye(16) if metric is None else metric
+
+    def error():
+        delta = (pq.weight - weight)[1:].detach()
+        return float(torch.einsum("nd,de,ne->", delta, weigh, delta))
+    before, codes_before = error(), pq.codes.clone()
+    changed = _reassign_codes(pq, weight, torch.Generator().manual_seed(0))
+    assert changed == int((pq.codes != codes_before).any(1).sum()) > 0
+    assert error() < before
+    assert torch.equal(pq.codes[0], codes_before[0]) and len(torch.unique(pq.codes[1:], dim=0)) == 399
+
+
+def test_distill_reassigns_codes_on_schedule():
+    import copy
+
+    dense, data = trained_dense_sasrec()
+    model = copy.deepcopy(dense)
+    result = distill(model, data, 4, 8, steps=6, batch_size=16, iters=5, reassign_every=2, progress=False)
+    assert len(result.reassigned) == 3 and all(0 <= n <= NUM_ITEMS for n in result.reassigned)
+    assert len(torch.unique(model.item_embedding.codes[1:], dim=0)) == NUM_ITEMS
+    with pytest.raises(ValueError, match="reassign_every"):
+        distill(copy.deepcopy(dense), data, 4, 8, steps=1, reassign_every=0)
+
+
 def test_distill_refuses():
     from test_patch import RecBoleStyle
 
