@@ -526,18 +526,51 @@ def _sequence_states(model: nn.Module, teacher: nn.Module, style: str, rows: lis
     return hidden[has_target], teacher_hidden[has_target], targets[has_target]
 
 
-def _teacher_queries(teacher: nn.Module, style: str, train: list[np.ndarray], max_len: int, num_sequences: int,
-                     batch_size: int, seed: int) -> torch.Tensor:
-    """The teacher's states ``[T, d]`` at the training positions of up to ``num_sequences``
-    random training sequences: the queries ``metric="queries"`` quantises for."""
+def _model_max_len(model: nn.Module, style: str, max_len: int | None) -> int:
+    if max_len is None:
+        if style != "recjpq":
+            raise ValueError("max_len (the sequence length the model was trained with) is required for "
+                             f"{style}-style models")
+        max_len = model.config["max_len"]
+    _check_positive_int("max_len", max_len)
+    return max_len
+
+
+def _learnable(data: Sequence[np.ndarray]) -> list[np.ndarray]:
+    train = [np.asarray(s, dtype=np.int64) for s in data if len(s) >= 2]
+    if not train:
+        raise ValueError("data has no sequence of two or more items to learn from")
+    return train
+
+
+def training_queries(model: nn.Module, data: Sequence[np.ndarray], *, max_len: int | None = None,
+                     num_sequences: int = 8192, batch_size: int = 128, seed: int = 0) -> torch.Tensor:
+    """The model's sequence states ``[T, d]`` (eval mode, no gradient) at every training position
+    of up to ``num_sequences`` random sequences of ``data`` (item-id arrays, oldest first): the
+    queries it scores items for, e.g. ``quantize(w, M, rotate=True, metric=query_metric(
+    training_queries(model, data)))``. ``recjpq.models`` or SASRec.pytorch-style models (``max_len``
+    as for ``distill``)."""
+    from recjpq.patch import detect_style
+
+    style = detect_style(model)
+    if style == "recbole":
+        raise ValueError("training_queries needs states at every position: recjpq.models or SASRec.pytorch-style")
+    max_len = _model_max_len(model, style, max_len)
+    _check_positive_int("num_sequences", num_sequences)
+    _check_positive_int("batch_size", batch_size)
+    train = _learnable(data)
     rng = np.random.default_rng(seed)
     picked = rng.permutation(len(train))[:num_sequences]
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(picked), batch_size):
-            inputs, targets = _training_inputs(teacher, style, [train[j] for j in picked[start:start + batch_size]],
-                                               max_len, rng)
-            out.append(_states(teacher, style, inputs)[targets != 0])
+    out, was_training = [], model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(picked), batch_size):
+                inputs, targets = _training_inputs(model, style, [train[j] for j in picked[start:start + batch_size]],
+                                                   max_len, rng)
+                out.append(_states(model, style, inputs)[targets != 0])
+    finally:
+        model.train(was_training)
     return torch.cat(out)
 
 
@@ -581,8 +614,8 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     ``train_encoder`` the rest of the model too (``encoder_lr``), else it runs in eval mode.
 
     ``metric="queries"`` quantises for the teacher's own queries: ``quantize``'s ``metric`` is
-    ``query_metric`` of the teacher's states at the training positions of ``metric_sequences``
-    random training sequences, so the codes minimise the score error ``q . (e - e_hat)`` rather
+    ``query_metric(training_queries(teacher, data, num_sequences=metric_sequences))``, so the
+    codes minimise the score error ``q . (e - e_hat)`` rather
     than ``||e - e_hat||`` (combine with ``rotate=True``: OPQ inside that space); a ``[d, d]``
     tensor is passed on as it is.
 
@@ -606,12 +639,7 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     if style == "recbole":
         raise ValueError("distill supports recjpq.models and SASRec.pytorch-style models (states at every "
                          "position); for a RecBole-style model use patch_item_scoring + finetune with its own loss")
-    if max_len is None:
-        if style != "recjpq":
-            raise ValueError("max_len (the sequence length the model was trained with) is required for "
-                             f"{style}-style models")
-        max_len = model.config["max_len"]
-    _check_positive_int("max_len", max_len)
+    max_len = _model_max_len(model, style, max_len)
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("callback_every", callback_every)
     _check_positive_int("metric_sequences", metric_sequences)
@@ -629,16 +657,15 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     now = CLOCKS[clock]
     if steps is None and time_limit is None and epochs is None:
         epochs = 1
-    train = [np.asarray(s, dtype=np.int64) for s in data if len(s) >= 2]
-    if not train:
-        raise ValueError("data has no sequence of two or more items to learn from")
+    train = _learnable(data)
 
     start = now()
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     if isinstance(metric, str):
-        metric = query_metric(_teacher_queries(teacher, style, train, max_len, metric_sequences, batch_size, seed))
+        metric = query_metric(training_queries(teacher, train, max_len=max_len, num_sequences=metric_sequences,
+                                               batch_size=batch_size, seed=seed))
     if metric is not None:
         quantize_kwargs["metric"] = metric
     pq = patch_item_scoring(model, num_splits, num_codes, seed=seed, **quantize_kwargs)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from recjpq.convert import (RotatedPQEmbedding, distill, distillation_loss, finetune, quantize, query_metric,
-                            valid_num_splits)
+                            training_queries, valid_num_splits)
 from recjpq.models import SASRec
 from recjpq.nn import PQEmbedding
 from recjpq.patch import patch_item_scoring
@@ -360,6 +360,12 @@ def test_distill_query_metric_quantises_for_the_teachers_queries():
     assert isinstance(model.item_embedding, RotatedPQEmbedding) and result.steps == 3
     assert not torch.allclose(rotation @ rotation.T, torch.eye(16), atol=1e-2)
     assert error < opq
+    # the metric is that of the teacher's states at the training positions
+    by_hand = copy.deepcopy(dense)
+    patch_item_scoring(by_hand, 4, 16, iters=5, rotate=True, opq_iters=3,
+                       metric=query_metric(training_queries(dense, data, num_sequences=32)))
+    assert torch.equal(by_hand.item_embedding.codes, model.item_embedding.codes)
+    assert torch.allclose(by_hand.item_embedding.rotation, rotation)
     with pytest.raises(ValueError, match="metric"):
         distill(copy.deepcopy(dense), data, 4, 16, steps=1, metric="items")
 
@@ -399,6 +405,24 @@ def test_distill_reassigns_codes_on_schedule():
     assert len(torch.unique(model.item_embedding.codes[1:], dim=0)) == NUM_ITEMS
     with pytest.raises(ValueError, match="reassign_every"):
         distill(copy.deepcopy(dense), data, 4, 8, steps=1, reassign_every=0)
+
+
+def test_training_queries_are_the_states_at_positions_with_a_next_item():
+    from recjpq.data import pad_left
+    dense, data = trained_dense_sasrec()
+    dense.train()
+    # batches of one: no padding column (a padded batch also has the position before the first
+    # item, which predicts it, as in training)
+    queries = training_queries(dense, data, num_sequences=1000, batch_size=1)
+    assert dense.training  # evaluated in eval mode, mode restored
+    lengths = [min(len(s) - 1, MAX_LEN) for s in data]  # every position but the last predicts a next item
+    assert queries.shape == (sum(lengths), 16) and not queries.requires_grad
+    one = training_queries(dense, data[:1], batch_size=1)
+    with torch.no_grad():
+        states = dense.eval().encode(pad_left([data[0][-MAX_LEN - 1:-1]], MAX_LEN))[0, -lengths[0]:]
+    assert torch.allclose(one, states, atol=1e-5)
+    with pytest.raises(ValueError, match="two or more"):
+        training_queries(dense, [np.array([4])])
 
 
 def test_distill_refuses():
@@ -505,8 +529,8 @@ def test_finetune_trains_subitems_only():
         finetune(pq, loss_fn, 0)
 
 
-@pytest.mark.parametrize("rotate", [False, True])
-def test_cli_convert_writes_a_checkpoint_recjpq_can_load(tmp_path, rotate):
+@pytest.mark.parametrize("flags", [[], ["--rotate"], ["--rotate", "--metric", "queries"]])
+def test_cli_convert_writes_a_checkpoint_recjpq_can_load(tmp_path, flags):
     import json
 
     from recjpq.checkpoint import load_checkpoint, save_checkpoint
@@ -521,11 +545,14 @@ def test_cli_convert_writes_a_checkpoint_recjpq_can_load(tmp_path, rotate):
     save_checkpoint(tmp_path / "dense.pt", dense, {"item_ids": data.item_ids})
     out = tmp_path / "out"
     args = ["convert", str(tmp_path / "dense.pt"), "--data", str(path), "--splits", "4", "--num-codes", "8",
-            "--steps", "3", "--batch-size", "8", "--out", str(out), "--no-progress"] + (["--rotate"] if rotate else [])
+            "--steps", "3", "--batch-size", "8", "--out", str(out), "--no-progress"] + flags
     main(args)
     model, meta = load_checkpoint(out / "model.pt")  # what recjpq evaluate / recommend / serve read
     assert isinstance(model.item_embedding, PQEmbedding) and model.item_embedding.num_splits == 4
-    assert hasattr(model.item_embedding, "rotation") == rotate
+    assert hasattr(model.item_embedding, "rotation") == bool(flags)
+    if "--metric" in flags:  # a query metric's rotation is not orthogonal: saved and restored as it is
+        rotation = model.item_embedding.rotation
+        assert not torch.allclose(rotation @ rotation.T, torch.eye(16), atol=1e-2)
     assert meta["item_ids"] == data.item_ids and meta["conversion"]["steps"] == 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["dense"]) == {"ndcg@10", "recall@10"} and set(metrics["converted"]) == {"ndcg@10", "recall@10"}
