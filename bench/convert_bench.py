@@ -55,12 +55,12 @@ def settings_label(settings: dict) -> str:
         parts.append("query metric")
     if settings.get("rotate"):
         parts.append("OPQ")
+    if settings.get("lr", 2e-3) != 2e-3:
+        parts.append(f"lr {settings['lr']:g}")
     if settings.get("train_encoder"):
         parts.append(f"encoder lr {settings['encoder_lr']:g}")
     if settings.get("reassign_every"):
         parts.append(f"codes reassigned every {settings['reassign_every']} steps")
-    if settings.get("lr", 2e-3) != 2e-3:
-        parts.append(f"lr {settings['lr']:g}")
     if settings.get("alpha", 0.5) != 0.5:
         parts.append(f"alpha {settings['alpha']:g}")
     return ", ".join(parts)
@@ -85,7 +85,7 @@ def markdown_table(paths: list[str]) -> str:
             lines.append(
                 f"| {os.path.basename(os.path.dirname(report['data']))} | {settings_label(report['settings'])} | {row['M']} | {dense['ndcg@10']:.4f} / {curve[0]['ndcg@10']:.4f} / "
                 f"{final['ndcg@10']:.4f} | {final['ndcg@10'] / dense['ndcg@10'] - 1:+.1%} | {dense['recall@10']:.4f} / "
-                f"{curve[0]['recall@10']:.4f} / {final['recall@10']:.4f} | {'not reached' if near is None else near} | "
+                f"{curve[0]['recall@10']:.4f} / {final['recall@10']:.4f} | {'not reached' if near is None else f'{near:.0f}'} | "
                 f"{final['seconds']:.0f} ({final['step']}){note} | {dense['item_table_bytes']:,} -> "
                 f"{row['item_table_bytes']:,} ({dense['item_table_bytes'] / row['item_table_bytes']:.2f}x) |")
             curve_lines.append(f"- {os.path.basename(os.path.dirname(report['data']))} M={row['M']}, "
