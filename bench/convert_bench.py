@@ -61,6 +61,8 @@ def settings_label(settings: dict) -> str:
         parts.append(f"encoder lr {settings['encoder_lr']:g}")
     if settings.get("reassign_every"):
         parts.append(f"codes reassigned every {settings['reassign_every']} steps")
+    if settings.get("seed", 0):
+        parts.append(f"seed {settings['seed']}")
     if settings.get("alpha", 0.5) != 0.5:
         parts.append(f"alpha {settings['alpha']:g}")
     return ", ".join(parts)
