@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--num-codes", type=_positive_int, default=256, help="K, sub-ids per split")
     conv.add_argument("--method", default="kmeans", choices=("kmeans", "svd"), help="initial codes")
     conv.add_argument("--rotate", action="store_true", help="learn an OPQ rotation before quantising")
+    conv.add_argument("--metric", choices=("queries",), default=None,
+                      help="quantise for the score error on the dense model's own training queries "
+                           "(best with --rotate; see docs/convert.md)")
     conv.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole conversion")
     conv.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                       help="what --time-limit counts (cpu: this process's CPU seconds, for shared machines)")
@@ -284,7 +287,7 @@ def _convert(args) -> None:
     result = distill(model, split.train, args.splits, args.num_codes, time_limit=args.time_limit, clock=args.clock, steps=args.steps,
                      batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, temperature=args.temperature,
                      train_encoder=args.train_encoder, encoder_lr=args.encoder_lr, seed=args.seed,
-                     method=args.method, rotate=args.rotate, progress=not args.no_progress)
+                     method=args.method, rotate=args.rotate, metric=args.metric, progress=not args.no_progress)
     summary = {"splits": args.splits, "num_codes": args.num_codes, "steps": result.steps,
                "quantize_seconds": round(result.quantize_seconds, 2), "convert_seconds": round(result.seconds, 2),
                "wall_seconds": round(time.perf_counter() - start, 2), "dense_item_table_bytes": dense_bytes,
@@ -296,7 +299,7 @@ def _convert(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "model.pt")
     meta = {**meta, "conversion": {k: v for k, v in summary.items() if k != "args"}}
-    if args.rotate:  # the rotation is not part of a recjpq.models config: recjpq.patch's format keeps it
+    if args.rotate or args.metric:  # the rotation is not part of a recjpq.models config: recjpq.patch's format keeps it
         save(model, path, meta)
     else:
         save_checkpoint(path, model, meta)

@@ -5,8 +5,11 @@
 PyTorch, on the weight's device), or the cheaper ``"svd"`` binning. ``rotate=True`` first learns
 an orthogonal rotation (OPQ, Ge et al. 2013: principal directions dealt over the splits, then
 alternating k-means and Procrustes) that balances the sub-spaces; it lowers the reconstruction
-error most when a few directions carry most of the variance. ``finetune`` then trains
-the sub-item embeddings with the model's own loss while the codes stay fixed.
+error most when a few directions carry most of the variance. ``metric=Sigma`` (the queries'
+second moment, ``query_metric``) quantises for the score error ``q . (e - e_hat)`` instead of
+``||e - e_hat||``: k-means in the ``Sigma^(1/2)`` space, what matters for ranking. ``distill``
+fine-tunes the result with the dense model as teacher; ``finetune`` trains the sub-item
+embeddings with the model's own loss while the codes stay fixed.
 """
 from __future__ import annotations
 
@@ -204,9 +207,41 @@ def _procrustes(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (u @ vt).to(x.dtype)
 
 
+def query_metric(queries: torch.Tensor) -> torch.Tensor:
+    """``E[q q^T]`` ``[d, d]`` of query vectors ``[n, d]`` (sequence states): the matrix for which
+    ``delta^T Sigma delta`` is the mean squared score error ``q . delta`` over these queries
+    (``quantize``'s ``metric``)."""
+    if not isinstance(queries, torch.Tensor) or queries.dim() != 2 or queries.shape[0] == 0 or \
+            not queries.is_floating_point():
+        raise ValueError(f"queries must be a non-empty floating [n, d] tensor, got "
+                         f"{getattr(queries, 'shape', type(queries).__name__)}")
+    q = queries.detach().double()
+    return (q.T @ q / q.shape[0]).to(queries.dtype)
+
+
+def _metric_roots(metric: torch.Tensor, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Sigma^(1/2), Sigma^(-1/2))`` of a symmetric PSD ``[d, d]`` metric, eigenvalues floored at
+    1e-6 of the largest so the inverse root stays finite on a rank-deficient one."""
+    if not isinstance(metric, torch.Tensor) or metric.shape != (dim, dim) or not metric.is_floating_point():
+        raise ValueError(f"metric must be a floating [{dim}, {dim}] tensor, got "
+                         f"{getattr(metric, 'shape', type(metric).__name__)}")
+    m = metric.detach().double().to(device)
+    if not bool(torch.isfinite(m).all()) or not torch.allclose(m, m.T, rtol=1e-4, atol=1e-6 * float(m.abs().max())):
+        raise ValueError("metric must be a finite symmetric matrix")
+    m = (m + m.T) / 2
+    values, vectors = torch.linalg.eigh(m)
+    if float(values[-1]) <= 0 or float(values[0]) < -1e-6 * float(values[-1]):
+        raise ValueError("metric must be positive semi-definite with a positive eigenvalue")
+    values = values.clamp(min=1e-6 * float(values[-1]))
+    root = (vectors * values.sqrt()) @ vectors.T
+    inverse = (vectors * values.rsqrt()) @ vectors.T
+    return root.float(), inverse.float()
+
+
 def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method: str = "kmeans", *,
              iters: int = 25, rotate: bool = False, opq_iters: int = 10, train_size: int | None = None,
-             padding_idx: int | None = None, unique: bool = True, seed: int = 0, progress: bool = False):
+             padding_idx: int | None = None, unique: bool = True, metric: torch.Tensor | None = None, seed: int = 0,
+             progress: bool = False):
     """Product-quantise an item matrix.
 
     Args:
@@ -222,12 +257,19 @@ def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method
         unique: give every item (the padding row aside) its own code row when K^M allows it
             (an item whose nearest row is taken moves to the free row closest to it), so no two
             items always tie.
+        metric: ``[d, d]`` symmetric positive semi-definite matrix Sigma (``query_metric(queries)``:
+            the queries' second moment ``E[q q^T]``): minimise ``(e - e_hat)^T Sigma (e - e_hat)``,
+            the mean squared *score* error ``E[(q . (e - e_hat))^2]`` over those queries, instead of
+            ``||e - e_hat||^2``. The table is quantised as ``e @ Sigma^(1/2)`` (then OPQ inside that
+            space with ``rotate``) and mapped back through the returned ``rotation``, which is then
+            not orthogonal.
         progress: tqdm bars for the OPQ and k-means rounds and the final assignment.
 
     Returns:
         ``(codes [N, M], centroids [M, K, d / M])``, codes in the narrowest dtype for K; with
-        ``rotate=True`` also ``rotation [d, d]`` (orthogonal): item i is approximated by
-        ``decode(codes[i]) @ rotation.T``, so a query q scores ``(q @ rotation)`` against the codes.
+        ``rotate=True`` or a ``metric`` also ``rotation [d, d]``: item i is approximated by
+        ``decode(codes[i]) @ rotation.T``, so a query q scores ``(q @ rotation)`` against the codes
+        (orthogonal for OPQ alone; ``Sigma^(-1/2) @ opq_rotation`` with a metric).
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -256,6 +298,10 @@ def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method
     x = weight.detach().float()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("weight contains non-finite values (nan or inf)")
+    unwhiten = None
+    if metric is not None:
+        whiten, unwhiten = _metric_roots(metric, dim, x.device)
+        x = x @ whiten
     generator = torch.Generator().manual_seed(seed)
     fit_rows = torch.arange(num_items)
     if padding_idx is not None and num_items > 1:
@@ -284,6 +330,8 @@ def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method
         centroids = train(fit, iters, centroids)
     else:
         centroids = train(fit, iters)
+    if unwhiten is not None:
+        rotation = unwhiten if rotation is None else unwhiten @ rotation
     x = _split(x, num_splits)
     codes = _nearest(x, centroids, progress).T
     if unique:
@@ -294,9 +342,11 @@ def quantize(weight: torch.Tensor, num_splits: int, num_codes: int = 256, method
 
 
 class RotatedPQEmbedding(PQEmbedding):
-    """A ``PQEmbedding`` in an OPQ-rotated space: embeddings are ``decode(codes) @ rotation.T`` and
-    queries are rotated by ``rotation`` before the sub-item scores, so scores stay inner products
-    in the original space while every op (``score``, ``score_all``, ``topk``) is unchanged."""
+    """A ``PQEmbedding`` quantised in a transformed space: embeddings are ``decode(codes) @ rotation.T``
+    and queries are multiplied by ``rotation`` before the sub-item scores, so scores stay inner
+    products in the original space while every op (``score``, ``score_all``, ``topk``) is unchanged.
+    ``rotation`` is orthogonal for OPQ and a general invertible matrix for a query metric
+    (``quantize(..., metric=)``); nothing here assumes either."""
 
     def __init__(self, codes: torch.Tensor, dim: int, num_codes: int = 256, padding_idx: int | None = None, *,
                  rotation: torch.Tensor):
@@ -436,42 +486,120 @@ def distillation_loss(h: torch.Tensor, weight: torch.Tensor, teacher_h: torch.Te
 class DistillResult:
     """What ``distill`` did: the installed table, the seconds quantisation took, the optimiser
     steps taken, the seconds of the whole conversion (quantisation included, callbacks excluded)
-    and the loss of every step."""
+    the loss of every step and, with ``reassign_every``, how many items changed codes at each
+    reassignment."""
 
     embedding: PQEmbedding
     quantize_seconds: float = 0.0
     steps: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    reassigned: list[int] = field(default_factory=list)
+
+
+def _training_inputs(model: nn.Module, style: str, rows: list[np.ndarray], max_len: int, rng: np.random.Generator):
+    """A batch of training sequences as the model reads them, and the item id each position
+    predicts (0 where none)."""
+    device = next(model.parameters()).device
+    if style == "recjpq":
+        causal = model.config["model"] != "bert4rec"
+        seqs = pad_left(rows, model.batch_width(rows, max_len + causal)).to(device)
+        return model.training_example(seqs, rng)
+    seqs = pad_left(rows, max_len + 1)  # sasrec.pytorch: numpy left-padded log_seqs
+    return seqs[:, :-1].numpy(), seqs[:, 1:].to(device)
+
+
+def _states(model: nn.Module, style: str, inputs) -> torch.Tensor:
+    """The model's sequence state at every position ``[B, L, d]``."""
+    return model.encode(inputs) if style == "recjpq" else model.log2feats(inputs)
 
 
 def _sequence_states(model: nn.Module, teacher: nn.Module, style: str, rows: list[np.ndarray], max_len: int,
                      rng: np.random.Generator):
     """Student and teacher states ``[T, d]`` at every position of a batch of training sequences
     that has a next item, and those next items ``[T]`` (ids)."""
-    device = next(model.parameters()).device
-    if style == "recjpq":
-        causal = model.config["model"] != "bert4rec"
-        seqs = pad_left(rows, model.batch_width(rows, max_len + causal)).to(device)
-        inputs, targets = model.training_example(seqs, rng)
-        hidden = model.encode(inputs)
-        with torch.no_grad():
-            teacher_hidden = teacher.encode(inputs)
-    else:  # sasrec.pytorch: numpy left-padded log_seqs, positions predict the next item
-        seqs = pad_left(rows, max_len + 1)
-        inputs, targets = seqs[:, :-1].numpy(), seqs[:, 1:].to(device)
-        hidden = model.log2feats(inputs)
-        with torch.no_grad():
-            teacher_hidden = teacher.log2feats(inputs)
+    inputs, targets = _training_inputs(model, style, rows, max_len, rng)
+    hidden = _states(model, style, inputs)
+    with torch.no_grad():
+        teacher_hidden = _states(teacher, style, inputs)
     has_target = targets != 0
     return hidden[has_target], teacher_hidden[has_target], targets[has_target]
+
+
+def _model_max_len(model: nn.Module, style: str, max_len: int | None) -> int:
+    if max_len is None:
+        if style != "recjpq":
+            raise ValueError("max_len (the sequence length the model was trained with) is required for "
+                             f"{style}-style models")
+        max_len = model.config["max_len"]
+    _check_positive_int("max_len", max_len)
+    return max_len
+
+
+def _learnable(data: Sequence[np.ndarray]) -> list[np.ndarray]:
+    train = [np.asarray(s, dtype=np.int64) for s in data if len(s) >= 2]
+    if not train:
+        raise ValueError("data has no sequence of two or more items to learn from")
+    return train
+
+
+def training_queries(model: nn.Module, data: Sequence[np.ndarray], *, max_len: int | None = None,
+                     num_sequences: int = 8192, batch_size: int = 128, seed: int = 0) -> torch.Tensor:
+    """The model's sequence states ``[T, d]`` (eval mode, no gradient) at every training position
+    of up to ``num_sequences`` random sequences of ``data`` (item-id arrays, oldest first): the
+    queries it scores items for, e.g. ``quantize(w, M, rotate=True, metric=query_metric(
+    training_queries(model, data)))``. ``recjpq.models`` or SASRec.pytorch-style models (``max_len``
+    as for ``distill``)."""
+    from recjpq.patch import detect_style
+
+    style = detect_style(model)
+    if style == "recbole":
+        raise ValueError("training_queries needs states at every position: recjpq.models or SASRec.pytorch-style")
+    max_len = _model_max_len(model, style, max_len)
+    _check_positive_int("num_sequences", num_sequences)
+    _check_positive_int("batch_size", batch_size)
+    train = _learnable(data)
+    rng = np.random.default_rng(seed)
+    picked = rng.permutation(len(train))[:num_sequences]
+    out, was_training = [], model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(picked), batch_size):
+                inputs, targets = _training_inputs(model, style, [train[j] for j in picked[start:start + batch_size]],
+                                                   max_len, rng)
+                out.append(_states(model, style, inputs)[targets != 0])
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def _reassign_codes(pq: PQEmbedding, teacher_weight: torch.Tensor, generator: torch.Generator) -> int:
+    """Give every item the (unique) code row whose decoded vector under the current sub-items is
+    nearest its teacher vector ``teacher_weight [N, d]`` (padding row aside), in the space the table
+    was quantised in (``teacher @ rotation^-T``: L2 there is the quantiser's metric). Returns how
+    many items changed codes."""
+    with torch.no_grad():
+        target = teacher_weight.float()
+        if isinstance(pq, RotatedPQEmbedding):
+            target = torch.linalg.solve(pq.rotation, target.T).T  # e @ R^-T, row by row
+        x = _split(target, pq.num_splits)
+        centroids = pq.subitem_embeddings.detach().float()
+        codes = _nearest(x, centroids).T
+        codes = _unique_rows(x, codes, centroids, pq.padding_idx, generator)
+        if pq.padding_idx is not None:
+            codes[pq.padding_idx] = pq.codes[pq.padding_idx].long()
+        changed = int((codes != pq.codes.long()).any(1).sum())
+        pq.codes.copy_(codes.to(pq.codes.dtype))
+    return changed
 
 
 def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_codes: int = 256, *,
             steps: int | None = None, time_limit: float | None = None, epochs: int | None = None,
             batch_size: int = 128, lr: float = 2e-3, alpha: float = 0.5, temperature: float = 1.0,
             train_encoder: bool = False, encoder_lr: float = 1e-4, max_len: int | None = None,
-            chunk: int = 2048, seed: int = 0, clock: str = "wall",
+            chunk: int = 2048, metric: str | torch.Tensor | None = None, metric_sequences: int = 8192,
+            reassign_every: int | None = None, seed: int = 0, clock: str = "wall",
             callback: Callable[[int, float], None] | None = None, callback_every: int = 100, progress: bool = True,
             **quantize_kwargs) -> DistillResult:
     """Convert a trained dense model to PQ in place and fine-tune it with itself as the teacher.
@@ -484,6 +612,16 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     distribution at ``temperature``, over all items except the padding row, streamed in
     ``chunk``-item tiles. The sub-item embeddings train (Adam, ``lr``; codes fixed); with
     ``train_encoder`` the rest of the model too (``encoder_lr``), else it runs in eval mode.
+
+    ``metric="queries"`` quantises for the teacher's own queries: ``quantize``'s ``metric`` is
+    ``query_metric(training_queries(teacher, data, num_sequences=metric_sequences))``, so the
+    codes minimise the score error ``q . (e - e_hat)`` rather
+    than ``||e - e_hat||`` (combine with ``rotate=True``: OPQ inside that space); a ``[d, d]``
+    tensor is passed on as it is.
+
+    ``reassign_every``: every so many steps, each item takes the code row that best reconstructs
+    its teacher vector under the sub-items trained so far (in the quantiser's metric, rows kept
+    unique), so codes are not frozen at their k-means values.
 
     Stops after ``steps`` optimiser steps, ``time_limit`` seconds (of the whole conversion,
     quantisation included) or ``epochs`` passes, whichever comes first (one epoch if none is
@@ -501,14 +639,14 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     if style == "recbole":
         raise ValueError("distill supports recjpq.models and SASRec.pytorch-style models (states at every "
                          "position); for a RecBole-style model use patch_item_scoring + finetune with its own loss")
-    if max_len is None:
-        if style != "recjpq":
-            raise ValueError("max_len (the sequence length the model was trained with) is required for "
-                             f"{style}-style models")
-        max_len = model.config["max_len"]
-    _check_positive_int("max_len", max_len)
+    max_len = _model_max_len(model, style, max_len)
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("callback_every", callback_every)
+    _check_positive_int("metric_sequences", metric_sequences)
+    if reassign_every is not None:
+        _check_positive_int("reassign_every", reassign_every)
+    if isinstance(metric, str) and metric != "queries":
+        raise ValueError(f'metric must be "queries", a [d, d] tensor or None, got {metric!r}')
     for name, value in (("steps", steps), ("epochs", epochs)):
         if value is not None:
             _check_positive_int(name, value)
@@ -519,14 +657,17 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     now = CLOCKS[clock]
     if steps is None and time_limit is None and epochs is None:
         epochs = 1
-    train = [np.asarray(s, dtype=np.int64) for s in data if len(s) >= 2]
-    if not train:
-        raise ValueError("data has no sequence of two or more items to learn from")
+    train = _learnable(data)
 
     start = now()
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if isinstance(metric, str):
+        metric = query_metric(training_queries(teacher, train, max_len=max_len, num_sequences=metric_sequences,
+                                               batch_size=batch_size, seed=seed))
+    if metric is not None:
+        quantize_kwargs["metric"] = metric
     pq = patch_item_scoring(model, num_splits, num_codes, seed=seed, **quantize_kwargs)
     result = DistillResult(pq, quantize_seconds=now() - start)
     teacher_table = teacher.item_emb if style == "sasrec.pytorch" else teacher.item_embedding
@@ -548,6 +689,7 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
     optimizer = torch.optim.Adam(groups)
     model.train(train_encoder)
     rng = np.random.default_rng(seed)
+    reassign_generator = torch.Generator().manual_seed(seed)
     bar = tqdm(total=steps, desc=f"distil M={num_splits}", disable=not progress, leave=False)
     spent, epoch = now() - start, 0
     done = time_limit is not None and spent >= time_limit
@@ -567,8 +709,10 @@ def distill(model: nn.Module, data: Sequence[np.ndarray], num_splits: int, num_c
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                spent += now() - start
                 result.steps += 1
+                if reassign_every is not None and result.steps % reassign_every == 0:
+                    result.reassigned.append(_reassign_codes(pq, teacher_table.weight.detach(), reassign_generator))
+                spent += now() - start
                 result.losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.losses[-1]:.4f}", seconds=f"{spent:.0f}")

@@ -151,7 +151,7 @@ def _check_patchable(model: nn.Module) -> tuple[str, nn.Embedding]:
 def patch_item_scoring(model: nn.Module, num_splits: int, num_codes: int = 256, **quantize_kwargs) -> PQEmbedding:
     """Quantise ``model``'s item table and route its full-catalogue scoring through PQ, in place.
 
-    ``quantize_kwargs`` go to ``recjpq.convert.quantize`` (method, rotate, iters, seed, progress...).
+    ``quantize_kwargs`` go to ``recjpq.convert.quantize`` (method, rotate, metric, iters, seed, progress...).
     Returns the installed ``PQEmbedding`` (its ``subitem_embeddings`` are what
     ``recjpq.convert.finetune`` and ``distill`` train). Raises ``ValueError`` for a model it cannot
     patch (with the valid M when d is not divisible by ``num_splits``).
@@ -164,7 +164,7 @@ def patch_item_scoring(model: nn.Module, num_splits: int, num_codes: int = 256, 
 
 def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
     """Write a patched (converted) model to ``path`` atomically: its style, the PQ table's layout
-    (codes, sub-item embeddings, OPQ rotation if any), the whole ``state_dict`` and ``meta``
+    (codes, sub-item embeddings, the rotation of OPQ or a query metric if any), the whole ``state_dict`` and ``meta``
     (plain values and tensors). ``load`` rebuilds it. A ``recjpq.models`` model's config is kept
     too, so it reloads without a factory, and ``recjpq.checkpoint.load_checkpoint`` (hence
     ``recjpq serve``) reads the file."""

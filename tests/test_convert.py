@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from recjpq.convert import (RotatedPQEmbedding, distill, distillation_loss, finetune, quantize,
-                            valid_num_splits)
+from recjpq.convert import (RotatedPQEmbedding, distill, distillation_loss, finetune, quantize, query_metric,
+                            training_queries, valid_num_splits)
 from recjpq.models import SASRec
 from recjpq.nn import PQEmbedding
 from recjpq.patch import patch_item_scoring
@@ -90,6 +90,64 @@ def test_rotation_is_orthogonal_and_helps_unbalanced_subspaces():
     plain = float((decode(*quantize(weight, 4, 16, iters=10)) - weight).square().mean())
     rotated = float((decode(codes, centroids, rotation) - weight).square().mean())
     assert rotated < 0.8 * plain
+
+
+def anisotropic_queries(n, dim=16, seed=0):
+    """Queries that live mostly in 3 directions (as a trained encoder's states do)."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(99)))[0]
+    scales = torch.tensor([6.0, 4.0, 3.0] + [0.2] * (dim - 3))
+    return (torch.randn(n, dim, generator=g) * scales) @ basis.T
+
+
+def test_query_metric_lowers_the_score_error_on_the_queries():
+    """The metric trades reconstruction error in directions the queries ignore for score error
+    where they look: on held-out queries of the same distribution it beats plain k-means and OPQ."""
+    weight = torch.randn(1200, 16, generator=torch.Generator().manual_seed(7))
+    queries, held_out = anisotropic_queries(3000), anisotropic_queries(500, seed=1)
+    metric = query_metric(queries)
+    assert torch.allclose(metric, queries.T @ queries / len(queries), rtol=1e-4, atol=1e-4)
+
+    def score_error(out):
+        table = decode(*out)
+        return float((held_out @ (table - weight).T).square().mean())
+    plain = score_error(quantize(weight, 4, 16, iters=10))
+    opq = score_error(quantize(weight, 4, 16, iters=10, rotate=True, opq_iters=5))
+    out = quantize(weight, 4, 16, iters=10, rotate=True, opq_iters=5, metric=metric)
+    assert len(out) == 3 and not torch.allclose(out[2] @ out[2].T, torch.eye(16), atol=1e-2)  # not orthogonal
+    assert score_error(out) < 0.7 * min(plain, opq)
+    # the identity metric is plain k-means up to the (identity) rotation
+    same = quantize(weight, 4, 16, iters=10, metric=torch.eye(16))
+    assert torch.allclose(same[2], torch.eye(16), atol=1e-5)
+    assert torch.allclose(decode(*same), decode(*quantize(weight, 4, 16, iters=10)), atol=1e-4)
+
+
+def test_query_metric_table_scores_and_ranks_as_its_decoded_items():
+    weight = torch.randn(300, 16, generator=torch.Generator().manual_seed(8))
+    weight[0] = 0
+    dense = nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=0)
+    pq = PQEmbedding.from_dense(dense, 4, 16, iters=5, rotate=True, opq_iters=2,
+                                metric=query_metric(anisotropic_queries(800)))
+    assert isinstance(pq, RotatedPQEmbedding)
+    q = anisotropic_queries(6, seed=2)
+    table = pq.weight
+    assert torch.equal(table[0], torch.zeros(16))  # the padding row still embeds to zeros
+    scores = (q @ table.T).index_fill(1, torch.tensor([0]), 0.0)
+    assert torch.allclose(pq.score_all(q), scores, atol=1e-3)
+    assert torch.allclose(pq.score(q, torch.tensor([3, 7, 0])), scores[:, [3, 7, 0]], atol=1e-3)
+    values, ids = pq.topk(q, 8)
+    masked = scores.index_fill(1, torch.tensor([0]), float("-inf"))
+    assert torch.allclose(values, masked.topk(8).values, atol=1e-3)
+    assert torch.allclose(torch.gather(masked, 1, ids), values, atol=1e-3)
+
+
+@pytest.mark.parametrize("metric,match", [
+    (torch.eye(8), "metric must be"), (torch.ones(16, 16).triu(), "symmetric"),
+    (-torch.eye(16), "positive semi-definite"), (torch.full((16, 16), float("nan")), "finite"),
+    ("queries", "metric must be")])
+def test_bad_metric(metric, match):
+    with pytest.raises(ValueError, match=match):
+        quantize(torch.randn(50, 16), 4, 8, metric=metric)
 
 
 def test_padding_row_left_out_of_the_fit():
@@ -275,6 +333,98 @@ def test_distill_sasrec_pytorch_style_and_time_limit():
     assert teacher_agreement(after, teacher_scores) < teacher_agreement(before, teacher_scores)
 
 
+def test_distill_query_metric_quantises_for_the_teachers_queries():
+    """metric="queries": the table right after quantising (callback at step 0) scores the teacher's
+    own queries closer to the teacher than the OPQ table does, and still distils."""
+    import copy
+
+    from recjpq.data import pad_left
+    dense, data = trained_dense_sasrec()
+    with torch.no_grad():
+        queries = dense.query(pad_left(data, MAX_LEN))
+        teacher_scores = queries @ dense.item_embedding.weight[1:].T
+
+    def quantised_score_error(**kw):
+        model, errors = copy.deepcopy(dense), []
+
+        def at_step_0(step, seconds):
+            if step == 0:
+                with torch.no_grad():
+                    errors.append(float((queries @ model.item_embedding.weight[1:].T - teacher_scores).square().mean()))
+        result = distill(model, data, 4, 16, steps=3, batch_size=16, iters=5, rotate=True, opq_iters=3,
+                         callback=at_step_0, progress=False, **kw)
+        return errors[0], model, result
+    opq, _, _ = quantised_score_error()
+    error, model, result = quantised_score_error(metric="queries", metric_sequences=32)
+    rotation = model.item_embedding.rotation
+    assert isinstance(model.item_embedding, RotatedPQEmbedding) and result.steps == 3
+    assert not torch.allclose(rotation @ rotation.T, torch.eye(16), atol=1e-2)
+    assert error < opq
+    # the metric is that of the teacher's states at the training positions
+    by_hand = copy.deepcopy(dense)
+    patch_item_scoring(by_hand, 4, 16, iters=5, rotate=True, opq_iters=3,
+                       metric=query_metric(training_queries(dense, data, num_sequences=32)))
+    assert torch.equal(by_hand.item_embedding.codes, model.item_embedding.codes)
+    assert torch.allclose(by_hand.item_embedding.rotation, rotation)
+    with pytest.raises(ValueError, match="metric"):
+        distill(copy.deepcopy(dense), data, 4, 16, steps=1, metric="items")
+
+
+@pytest.mark.parametrize("kind", ["plain", "metric"])
+def test_reassigned_codes_reconstruct_the_teacher_better_and_stay_unique(kind):
+    """After the sub-items moved (as in training), reassignment never raises the teacher's
+    reconstruction error in the quantiser's metric (total), and no two items share a row."""
+    from recjpq.convert import _reassign_codes
+    weight = torch.randn(400, 16, generator=torch.Generator().manual_seed(9))
+    weight[0] = 0
+    metric = query_metric(anisotropic_queries(800)) if kind == "metric" else None
+    pq = PQEmbedding.from_dense(nn.Embedding.from_pretrained(weight, padding_idx=0), 4, 8, iters=5,
+                                metric=metric, rotate=kind == "metric", opq_iters=2)
+    with torch.no_grad():
+        pq.subitem_embeddings.add_(0.3 * torch.randn(pq.subitem_embeddings.shape,
+                                                     generator=torch.Generator().manual_seed(1)))
+    weigh = torch.eye(16) if metric is None else metric
+
+    def error():
+        delta = (pq.weight - weight)[1:].detach()
+        return float(torch.einsum("nd,de,ne->", delta, weigh, delta))
+    before, codes_before = error(), pq.codes.clone()
+    changed = _reassign_codes(pq, weight, torch.Generator().manual_seed(0))
+    assert changed == int((pq.codes != codes_before).any(1).sum()) > 0
+    assert error() < before
+    assert torch.equal(pq.codes[0], codes_before[0]) and len(torch.unique(pq.codes[1:], dim=0)) == 399
+
+
+def test_distill_reassigns_codes_on_schedule():
+    import copy
+
+    dense, data = trained_dense_sasrec()
+    model = copy.deepcopy(dense)
+    result = distill(model, data, 4, 8, steps=6, batch_size=16, iters=5, reassign_every=2, progress=False)
+    assert len(result.reassigned) == 3 and all(0 <= n <= NUM_ITEMS for n in result.reassigned)
+    assert len(torch.unique(model.item_embedding.codes[1:], dim=0)) == NUM_ITEMS
+    with pytest.raises(ValueError, match="reassign_every"):
+        distill(copy.deepcopy(dense), data, 4, 8, steps=1, reassign_every=0)
+
+
+def test_training_queries_are_the_states_at_positions_with_a_next_item():
+    from recjpq.data import pad_left
+    dense, data = trained_dense_sasrec()
+    dense.train()
+    # batches of one: no padding column (a padded batch also has the position before the first
+    # item, which predicts it, as in training)
+    queries = training_queries(dense, data, num_sequences=1000, batch_size=1)
+    assert dense.training  # evaluated in eval mode, mode restored
+    lengths = [min(len(s) - 1, MAX_LEN) for s in data]  # every position but the last predicts a next item
+    assert queries.shape == (sum(lengths), 16) and not queries.requires_grad
+    one = training_queries(dense, data[:1], batch_size=1)
+    with torch.no_grad():
+        states = dense.eval().encode(pad_left([data[0][-MAX_LEN - 1:-1]], MAX_LEN))[0, -lengths[0]:]
+    assert torch.allclose(one, states, atol=1e-5)
+    with pytest.raises(ValueError, match="two or more"):
+        training_queries(dense, [np.array([4])])
+
+
 def test_distill_refuses():
     from test_patch import RecBoleStyle
 
@@ -379,8 +529,8 @@ def test_finetune_trains_subitems_only():
         finetune(pq, loss_fn, 0)
 
 
-@pytest.mark.parametrize("rotate", [False, True])
-def test_cli_convert_writes_a_checkpoint_recjpq_can_load(tmp_path, rotate):
+@pytest.mark.parametrize("flags", [[], ["--rotate"], ["--rotate", "--metric", "queries"]])
+def test_cli_convert_writes_a_checkpoint_recjpq_can_load(tmp_path, flags):
     import json
 
     from recjpq.checkpoint import load_checkpoint, save_checkpoint
@@ -395,11 +545,14 @@ def test_cli_convert_writes_a_checkpoint_recjpq_can_load(tmp_path, rotate):
     save_checkpoint(tmp_path / "dense.pt", dense, {"item_ids": data.item_ids})
     out = tmp_path / "out"
     args = ["convert", str(tmp_path / "dense.pt"), "--data", str(path), "--splits", "4", "--num-codes", "8",
-            "--steps", "3", "--batch-size", "8", "--out", str(out), "--no-progress"] + (["--rotate"] if rotate else [])
+            "--steps", "3", "--batch-size", "8", "--out", str(out), "--no-progress"] + flags
     main(args)
     model, meta = load_checkpoint(out / "model.pt")  # what recjpq evaluate / recommend / serve read
     assert isinstance(model.item_embedding, PQEmbedding) and model.item_embedding.num_splits == 4
-    assert hasattr(model.item_embedding, "rotation") == rotate
+    assert hasattr(model.item_embedding, "rotation") == bool(flags)
+    if "--metric" in flags:  # a query metric's rotation is not orthogonal: saved and restored as it is
+        rotation = model.item_embedding.rotation
+        assert not torch.allclose(rotation @ rotation.T, torch.eye(16), atol=1e-2)
     assert meta["item_ids"] == data.item_ids and meta["conversion"]["steps"] == 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["dense"]) == {"ndcg@10", "recall@10"} and set(metrics["converted"]) == {"ndcg@10", "recall@10"}

@@ -72,19 +72,34 @@ def assert_same_ranking(values, ids, by_hand, k):
     assert (ids != 0).all()
 
 
-@pytest.mark.parametrize("rotate", [False, True])
-def test_sasrec_pytorch_style(rotate):
+def query_metric_for_tests(dim=DIM, seed=0):
+    """A full-rank, non-diagonal ``quantize`` metric: the table's rotation is then not orthogonal."""
+    a = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed))
+    return a @ a.T / dim + 0.1 * torch.eye(dim)
+
+
+# the tables a converted model can have: plain PQ, OPQ (orthogonal rotation), a query metric with
+# OPQ (a general rotation)
+TABLE_KINDS = ("plain", "opq", "metric")
+
+
+def table_kwargs(kind: str) -> dict:
+    return {"plain": {}, "opq": {"rotate": True}, "metric": {"rotate": True, "metric": query_metric_for_tests()}}[kind]
+
+
+@pytest.mark.parametrize("kind", TABLE_KINDS)
+def test_sasrec_pytorch_style(kind):
     torch.manual_seed(0)
     model = SASRecPytorchStyle(NUM_ITEMS, DIM, MAX_LEN).eval()
     seqs, _ = histories()
     log_seqs = seqs.flip(1).numpy()  # left-padded, as the original feeds them
     candidates = np.array([1, 5, 17, 99, NUM_ITEMS])
     dense_scores = model.predict(None, log_seqs, candidates)
-    pq = patch_item_scoring(model, 4, 32, iters=5, rotate=rotate)
+    pq = patch_item_scoring(model, 4, 32, iters=5, **table_kwargs(kind))
     assert model.item_emb is pq and pq.padding_idx == 0
     with torch.no_grad():
         state = model.log2feats(log_seqs)[:, -1, :]
-        state_pq = state @ pq.rotation if rotate else state
+        state_pq = state if kind == "plain" else state @ pq.rotation
         by_hand = scores_by_hand(pq, state_pq)
         assert torch.allclose(model.predict(None, log_seqs, candidates).double(), by_hand[:, candidates], atol=1e-4)
         values, ids = model.predict_topk(None, log_seqs, 10)
@@ -223,18 +238,20 @@ def test_save_load_sasrec_pytorch_style_in_a_fresh_process(tmp_path):
     log_seqs = histories(batch=7)[0].flip(1).numpy()
     np.save(tmp_path / "seqs.npy", log_seqs)
     paths, expected = [], []
-    for rotate in (False, True):
+    for kind in TABLE_KINDS:
         torch.manual_seed(3)
         model = SASRecPytorchStyle(NUM_ITEMS, DIM, MAX_LEN).eval()
-        patch_item_scoring(model, 4, 32, iters=5, rotate=rotate)
+        patch_item_scoring(model, 4, 32, iters=5, **table_kwargs(kind))
         with torch.no_grad():  # as after fine-tuning: sub-items no longer k-means centroids
             model.item_emb.subitem_embeddings.add_(0.1 * torch.randn_like(model.item_emb.subitem_embeddings))
             expected.append(model.predict_topk(None, log_seqs, 10))
-        paths.append(str(tmp_path / f"converted-{rotate}.pt"))
+        paths.append(str(tmp_path / f"converted-{kind}.pt"))
         save(model, paths[-1], {"item_ids": ["a", "b"]})
         # in this process too, from an instance, with the rotation (if any) restored
         again, _ = load(paths[-1], SASRecPytorchStyle(NUM_ITEMS, DIM, MAX_LEN))
-        assert hasattr(again.item_emb, "rotation") == rotate
+        assert hasattr(again.item_emb, "rotation") == (kind != "plain")
+        if kind != "plain":
+            assert torch.equal(again.item_emb.rotation, model.item_emb.rotation)
         assert torch.equal(again.predict_topk(None, log_seqs, 10)[1], expected[-1][1])
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     script = FRESH_PROCESS_TOPK.format(tests=tests_dir, paths=paths, items=NUM_ITEMS, dim=DIM, max_len=MAX_LEN,
@@ -255,27 +272,27 @@ def test_plain_state_dict_needs_the_patched_layout():
         SASRecPytorchStyle(NUM_ITEMS, DIM, MAX_LEN).load_state_dict(model.state_dict())
 
 
-@pytest.mark.parametrize("rotate", [False, True])
-def test_save_load_our_sasrec_without_factory_and_through_load_checkpoint(tmp_path, rotate):
+@pytest.mark.parametrize("kind", TABLE_KINDS)
+def test_save_load_our_sasrec_without_factory_and_through_load_checkpoint(tmp_path, kind):
     from recjpq.checkpoint import load_checkpoint
     from recjpq.patch import load, save
 
     torch.manual_seed(4)
     model = SASRec(NUM_ITEMS, DIM, item_embedding="dense", num_layers=1, max_len=MAX_LEN).eval()
-    patch_item_scoring(model, 8, 16, iters=3, rotate=rotate)
+    patch_item_scoring(model, 8, 16, iters=3, **table_kwargs(kind))
     history = [[3, 9, 27, 81], [1, 2], [150, 149, 148, 7, 7]]
     values, ids = model.recommend(history, k=10)
     save(model, tmp_path / "m.pt", {"item_ids": [str(i) for i in range(1, NUM_ITEMS + 1)]})
     for loaded, meta in (load(tmp_path / "m.pt"), load_checkpoint(tmp_path / "m.pt")):  # the server's loader too
         assert isinstance(loaded, SASRec) and loaded.config["item_embedding"] == "recjpq"
-        assert hasattr(loaded.item_embedding, "rotation") == rotate
+        assert hasattr(loaded.item_embedding, "rotation") == (kind != "plain")
         got_values, got_ids = loaded.recommend(history, k=10)
         assert torch.equal(got_ids, ids) and torch.equal(got_values, values)
         assert meta["item_ids"][0] == "1"
 
 
-@pytest.mark.parametrize("rotate", [False, True])
-def test_server_serves_a_converted_model_file(tmp_path, rotate):
+@pytest.mark.parametrize("kind", TABLE_KINDS)
+def test_server_serves_a_converted_model_file(tmp_path, kind):
     """What docs/convert.md promises: ``recjpq serve converted.pt`` for a ``patch.save`` file of a
     ``recjpq.models`` model answers as the converted model itself does (raw ids from the meta)."""
     pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
@@ -285,11 +302,11 @@ def test_server_serves_a_converted_model_file(tmp_path, rotate):
 
     torch.manual_seed(5)
     model = SASRec(NUM_ITEMS, DIM, item_embedding="dense", num_layers=1, max_len=MAX_LEN).eval()
-    patch_item_scoring(model, 4, 16, iters=3, rotate=rotate)
+    patch_item_scoring(model, 4, 16, iters=3, **table_kwargs(kind))
     raw_ids = [f"sku-{i}" for i in range(1, NUM_ITEMS + 1)]
     save(model, tmp_path / "converted.pt", {"item_ids": raw_ids})
     recommender = Recommender.from_checkpoint(tmp_path / "converted.pt", max_k=20)
-    assert hasattr(recommender.model.item_embedding, "rotation") == rotate
+    assert hasattr(recommender.model.item_embedding, "rotation") == (kind != "plain")
     histories = [[3, 9, 27, 81], [150], [150, 149, 148, 7, 7] + list(range(20, 40))]  # the last one > max_len
     app = create_app(recommender, max_wait_ms=0)
 

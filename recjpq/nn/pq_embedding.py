@@ -53,7 +53,7 @@ class PQEmbedding(nn.Module):
                    **quantize_kwargs) -> "PQEmbedding":
         """Product-quantise a trained ``nn.Embedding`` (or ``[N, d]`` weight) into a PQEmbedding
         with the same ids, padding row and device (``recjpq.convert.quantize`` does the math;
-        ``quantize_kwargs`` go to it). With ``rotate=True`` the result is a
+        ``quantize_kwargs`` go to it). With ``rotate=True`` or a ``metric`` the result is a
         ``recjpq.convert.RotatedPQEmbedding``."""
         from recjpq.convert import RotatedPQEmbedding, quantize
 
