@@ -30,8 +30,9 @@ def to_faiss(source):
     """
     if isinstance(source, PQEmbedding):
         if hasattr(source, "rotation"):
-            raise ValueError("to_faiss exports plain PQ only; this embedding has an OPQ rotation "
-                             "(quantize without rotate=True, or rotate queries before searching)")
+            raise ValueError("to_faiss exports plain PQ only; this embedding has a query rotation (OPQ or a "
+                             "query metric): quantize without rotate=True, or multiply queries by it before "
+                             "searching")
         codes, centroids = source.codes, source.subitem_embeddings
     elif isinstance(source, (tuple, list)) and len(source) == 2:
         codes, centroids = source
