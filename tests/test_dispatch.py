@@ -362,7 +362,18 @@ def test_scratch_tables_of_concurrent_callers_do_not_mix(batch):
     expected = [ops.pq_topk_query(q, centroids, codes, 7, backend="reference") for q in queries]
 
     def run(i):
-        return all(torch.equal(ops.pq_topk_query(queries[i], centroids, codes, 7)[1], expected[i][1]) for _ in range(15))
+        answers = [ops.pq_topk_query(queries[i], centroids, codes, 7)[1] for _ in range(15)]
+        return all(torch.equal(answer, expected[i][1]) for answer in answers)
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(run, range(8)))
+
+
+@pytest.mark.parametrize("batch", [1, 5, 70])  # the C++ table; one C++ call with at::bmm; Python's scratch
+def test_values_are_the_same_with_and_without_a_gradient(batch):
+    query, centroids, codes = catalogue(600, 4, 4, batch=batch)
+    with torch.no_grad():
+        plain = ops.pq_topk_query(query, centroids, codes, 6)
+    leaf = query.clone().requires_grad_()
+    traced = ops.pq_topk_query(leaf, centroids, codes, 6)
+    assert torch.equal(traced[0].detach(), plain[0]) and torch.equal(traced[1], plain[1])

@@ -115,7 +115,8 @@ def scores_table(query: torch.Tensor, centroids: torch.Tensor, *, scratch: bool 
     numel = rows * m * num_codes
     if (scratch and dtype == torch.float32 and query.device.type == "cpu" and numel <= _SCRATCH_MAX_NUMEL
             and not torch.compiler.is_compiling()):
-        by_split = torch.bmm(chunks, centroids.float().transpose(1, 2), out=_scratch_buffer(0, numel).view(m, rows, num_codes))
+        by_split = _scratch_buffer(0, numel).view(m, rows, num_codes)
+        torch.bmm(chunks, centroids.float().transpose(1, 2), out=by_split)
         S = _scratch_buffer(1, numel).view(rows, m, num_codes).copy_(by_split.transpose(0, 1))
         return S.view(*query.shape[:-1], m, num_codes)
     S = torch.bmm(chunks, centroids.to(dtype).transpose(1, 2)).transpose(0, 1)  # [B', M, K]
