@@ -276,12 +276,28 @@ def test_subitem_scores_kernel_has_one_order_at_every_simd_level_and_batch(batch
     query, centroids = torch.randn(batch, m * dsub, generator=g), torch.randn(m, num_codes, dsub, generator=g)
     levels = [level for level in ("scalar", "avx2", "avx512") if cpu.simd_supported(level)]
     tables = [torch.ops.recjpq_cpu.subitem_scores(query, centroids, level) for level in levels]
-    for table in tables[1:]:
-        assert torch.equal(table, tables[0])
+    bits = [table.view(torch.int32) for table in tables]  # the sign of a zero included
+    for table in bits[1:]:
+        assert torch.equal(table, bits[0])
     alone = torch.cat([torch.ops.recjpq_cpu.subitem_scores(query[i:i + 1], centroids, levels[-1]) for i in range(batch)])
-    assert torch.equal(alone, tables[0])
+    assert torch.equal(alone.view(torch.int32), bits[0])
     exact = torch.einsum("bmd,mkd->bmk", query.view(batch, m, dsub).double(), centroids.double())
     torch.testing.assert_close(tables[0].double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dsub", [9, 17])  # a partial last chunk after full ones
+def test_subitem_scores_kernel_keeps_negative_zero_lanes(dsub):
+    """Products that underflow to -0: the lanes past d/M in a partial chunk must keep their -0
+    as the scalar reference does (a table of -0 and +0 entries, equal bit for bit on every path)."""
+    query = torch.full((1, 2 * dsub), -1e-30)
+    centroids = torch.full((2, 16, dsub), 1e-30)  # K >= 8: the vector path scores 8 rows at once
+    centroids[1, 2, 0] = -1e-30  # one +0 lane among the -0 ones
+    levels = [level for level in ("scalar", "avx2", "avx512") if cpu.simd_supported(level)]
+    tables = [torch.ops.recjpq_cpu.subitem_scores(query, centroids, level).view(torch.int32) for level in levels]
+    assert torch.equal(tables[0], torch.ops.recjpq_cpu.subitem_scores(query, centroids, "scalar").view(torch.int32))
+    assert (tables[0] == torch.tensor(-0.0).view(torch.int32)).any()  # the case this test is about
+    for table in tables[1:]:
+        assert torch.equal(table, tables[0])
 
 
 @pytest.mark.parametrize("shape", [(1, 512), (3, 5, 24), (24,), (0, 24)])

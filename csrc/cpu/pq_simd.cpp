@@ -208,10 +208,6 @@ __attribute__((target("avx512f"))) void quantize_avx512(const float* S, int64_t 
 
 #endif  // RECJPQ_X86
 
-}  // namespace
-
-namespace {
-
 // One dot product of S, in the order every path follows: eight lane sums, lane l taking
 // j = l, l + 8, l + 16, ... with one fma each, then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
 // Eight lanes of one AVX register do the lane sums, and horizontal adds of eight rows' lanes give
@@ -234,13 +230,15 @@ void subitem_scores_scalar(const float* query, int64_t batch, const float* centr
 
 #ifdef RECJPQ_X86
 
-// lanes of q . c for one row c: j-chunks of 8 (the last one masked), one fma per chunk
+// lanes of q . c for one row c: j-chunks of 8, one fma per chunk; in the last, partial chunk the
+// lanes past d/M keep their sums (an fma with 0 would turn a -0 lane into +0, unlike dot8_scalar)
 __attribute__((target("avx2,fma"))) inline __m256 lanes8(const float* q, const float* c, int64_t full, __m256i tail) {
   __m256 acc = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j < full; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(c + j), acc);
   if (_mm256_testz_si256(tail, tail)) return acc;
-  return _mm256_fmadd_ps(_mm256_maskload_ps(q + j, tail), _mm256_maskload_ps(c + j, tail), acc);
+  const __m256 last = _mm256_fmadd_ps(_mm256_maskload_ps(q + j, tail), _mm256_maskload_ps(c + j, tail), acc);
+  return _mm256_blendv_ps(acc, last, _mm256_castsi256_ps(tail));
 }
 
 // out[r] = the tree of the eight lanes of rows[r], r = 0..7 (hadd pairs neighbouring lanes)
