@@ -25,9 +25,9 @@ def full_ranking(user_emb: torch.Tensor, item_emb: torch.Tensor, train: sp.csr_m
     ideal = np.concatenate([[0.0], discount.cumsum()])
     recall = np.empty(users.size)
     ndcg = np.empty(users.size)
+    device = user_emb.device
     for start in range(0, users.size, chunk):
         rows = users[start:start + chunk]
-        device = user_emb.device
         scores = user_emb[torch.from_numpy(rows).to(device)] @ item_emb.T
         seen = train[rows].tocoo()
         scores[torch.from_numpy(seen.row).long().to(device), torch.from_numpy(seen.col).long().to(device)] = -torch.inf

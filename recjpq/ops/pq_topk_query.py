@@ -12,7 +12,7 @@ from recjpq._validate import (CODE_DTYPES, FLOAT_DTYPES, check_codes, check_k_ex
                               check_tensor, check_values)
 from recjpq.ops import _decoded
 from recjpq.ops.pq_topk import _backward as _pq_topk_backward, _setup as _pq_topk_setup, run_topk
-from recjpq.ops.subitem_scores import CPU_KERNEL_MAX_ROWS, check_subitem_args, scores_table
+from recjpq.ops.subitem_scores import CPU_KERNEL_MAX_ROWS, check_subitem_args, scores_table, wants_grad
 
 # "decode*" differ in the tensor-core input precision (kernels/pq_decode_topk.py: DECODE_ALGORITHMS)
 ALGORITHMS = ("auto", "lut", "matmul", "decode", "decode_tf32x3", "decode_bf16")
@@ -55,7 +55,7 @@ def _small_cpu_call(query, centroids, codes, k, exclude):
             or codes.dim() != 2 or codes.device.type != "cpu" or codes.dtype not in CODE_DTYPES
             or (codes.dtype == torch.uint8 and centroids.shape[1] > 256)):
         return None
-    if (torch.is_grad_enabled() and (query.requires_grad or centroids.requires_grad)) or torch.compiler.is_compiling():
+    if wants_grad(query, centroids) or torch.compiler.is_compiling():
         return None
     if _decoded.prefers_matmul(query.shape[0], codes.shape[0], query.shape[1], codes.shape[1], k, query.device):
         return None
@@ -106,8 +106,7 @@ def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Ten
             raise ValueError(f"algorithm='matmul' cannot run: {reason}")
     # S stays inside this call (the backends return new tensors), so outside autograd it may live
     # in a reused buffer: fresh tables of a few MB cost more in page faults than the scan
-    no_grad = not (torch.is_grad_enabled() and (query.requires_grad or centroids.requires_grad))
-    S = scores_table(query, centroids, scratch=no_grad)
+    S = scores_table(query, centroids, scratch=not wants_grad(query, centroids))
     check_k_exclude(k, codes.shape[0], exclude, S)
     if algorithm == "auto" and backend is None and _decoded.prefers_matmul(S.shape[0], codes.shape[0], query.shape[1],
                                                                             codes.shape[1], k, query.device):

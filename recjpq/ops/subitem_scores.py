@@ -18,6 +18,12 @@ def score_dtype(query: torch.Tensor, embeddings: torch.Tensor) -> torch.dtype:
 CPU_KERNEL_MAX_ROWS = 2
 
 
+def wants_grad(query: torch.Tensor, centroids: torch.Tensor) -> bool:
+    """Whether S must carry a gradient: the one test for the table's autograd path, its reusable
+    buffer and ``pq_topk_query``'s one-call path."""
+    return torch.is_grad_enabled() and (query.requires_grad or centroids.requires_grad)
+
+
 def _cpu_kernel_applies(query: torch.Tensor, centroids: torch.Tensor) -> bool:
     """float32 CPU inputs outside torch.compile, with the cpu kernels built. Whether gradients are
     wanted does not matter, so a model's scores have the same bits in training and inference."""
@@ -102,7 +108,7 @@ def scores_table(query: torch.Tensor, centroids: torch.Tensor, *, scratch: bool 
     # one or two queries: no BLAS parallel region to stall on a busy machine (csrc/cpu/subitem_scores.cpp)
     if rows <= CPU_KERNEL_MAX_ROWS and _cpu_kernel_applies(query, centroids):
         flat, table = query.reshape(-1, m * dsub).contiguous(), centroids.contiguous()
-        if torch.is_grad_enabled() and (query.requires_grad or centroids.requires_grad):
+        if wants_grad(query, centroids):
             S = _CpuSubitemScores.apply(flat, table)
         else:  # the autograd.Function's bookkeeping costs as much as a B = 1 table
             from recjpq.backends import cpu
@@ -112,12 +118,12 @@ def scores_table(query: torch.Tensor, centroids: torch.Tensor, *, scratch: bool 
     dtype = score_dtype(query, centroids)
     # the batched matmul einsum("...md,mkd->...mk") runs, without its parsing (a third of a B = 1 call)
     chunks = query.reshape(-1, m, dsub).transpose(0, 1).to(dtype)  # [M, B', d/M]
+    columns = centroids.to(dtype).transpose(1, 2)  # [M, d/M, K]
     numel = rows * m * num_codes
     if (scratch and dtype == torch.float32 and query.device.type == "cpu" and numel <= _SCRATCH_MAX_NUMEL
             and not torch.compiler.is_compiling()):
-        by_split = _scratch_buffer(0, numel).view(m, rows, num_codes)
-        torch.bmm(chunks, centroids.float().transpose(1, 2), out=by_split)
+        by_split = torch.bmm(chunks, columns, out=_scratch_buffer(0, numel).view(m, rows, num_codes))
         S = _scratch_buffer(1, numel).view(rows, m, num_codes).copy_(by_split.transpose(0, 1))
         return S.view(*query.shape[:-1], m, num_codes)
-    S = torch.bmm(chunks, centroids.to(dtype).transpose(1, 2)).transpose(0, 1)  # [B', M, K]
+    S = torch.bmm(chunks, columns).transpose(0, 1)  # [B', M, K]
     return S.reshape(*query.shape[:-1], m, num_codes).float()
