@@ -1,6 +1,7 @@
 """recjpq.cf: LightGCN split loading, MF / LightGCN models, full-ranking metrics, training and the CLI."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -205,6 +206,11 @@ def test_build_tables_reuse_cached_ids_only_for_the_same_configuration(tmp_path,
     assert torch.equal(again_users.rows, users.rows) and torch.equal(again_items.rows, items.rows)
     with pytest.raises(AssertionError, match="co-clustered again"):  # another seed: other ids
         build_tables(CFConfig(embedding="baco", dim=8, budget=0.25, tables=2, baco_sweeps=2, seed=1), data, cache)
+    moved = copy.copy(data)  # the same sizes, one training pair moved to another item: other ids
+    moved.train_items = data.train_items.copy()
+    moved.train_items[0] = (moved.train_items[0] + 1) % data.num_items
+    with pytest.raises(AssertionError, match="co-clustered again"):
+        build_tables(config, moved, cache)
     hashed = build_tables(CFConfig(embedding="hash", dim=8, budget=0.25, tables=2), data, cache)
     assert not torch.equal(hashed[0].rows, users.rows)  # the cache now holds the hash ids
     assert torch.load(cache, weights_only=True)["key"]["embedding"] == "hash"

@@ -2,6 +2,7 @@
 bar, evaluation every few epochs, time limit, resumable checkpoint and ``metrics.json``."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -85,8 +86,10 @@ def build_tables(config: CFConfig, data: CFData, ids_cache: str | None = None) -
     if rows < 1:
         raise ValueError(f"budget {config.budget} leaves no rows for {2 * config.tables} tables")
     sizes = [rows] * config.tables
-    key = {name: getattr(config, name) for name in _ID_FIELDS} | {
-        "users": nu, "items": ni, "train_pairs": int(data.train_users.size)}
+    pairs = hashlib.sha256(data.train_users.tobytes())
+    pairs.update(data.train_items.tobytes())
+    key = {name: getattr(config, name) for name in _ID_FIELDS} | {"users": nu, "items": ni,
+                                                                  "train_pairs": pairs.hexdigest()}
     if ids_cache and os.path.exists(ids_cache):
         cached = torch.load(ids_cache, weights_only=True)
         if cached["key"] == key:
