@@ -61,9 +61,8 @@ def _bytes(method: str, c: dict) -> int:
     if method == "split_loop":
         return c["n"] * c["m"] * 8 + 2 * c["b"] * c["n"] * 4
     if method in ("recjpq", "matmul"):
-        path_matmul = method == "matmul" or _decoded.prefers_matmul(c["b"], c["n"], c["d"], c["m"], c["k"],
-                                                                    torch.device("cpu"))
-        return table + c["b"] * c["n"] * 4 if path_matmul else 0
+        path_matmul = method == "matmul" or _decoded.prefers_matmul(c["b"], c["n"], c["d"], c["m"], c["k"])
+        return table + min(c["b"], 64) * c["n"] * 4 if path_matmul else 0
     return 0
 
 
@@ -137,8 +136,7 @@ class Grid:
         row["wall_ms"] = {m: 1e3 * statistics.median(ts) for m, ts in times.items()}
         row["rounds"] = len(times["recjpq"])
         row["load"] = load
-        row["path"] = "matmul" if _decoded.prefers_matmul(c["b"], c["n"], c["d"], c["m"], c["k"],
-                                                          torch.device("cpu")) else "lut"
+        row["path"] = "matmul" if _decoded.prefers_matmul(c["b"], c["n"], c["d"], c["m"], c["k"]) else "lut"
         for m, ts in times.items():
             self.coef[m] = min(ts) / _work(m, c)  # the latest (largest) cell predicts the next; wall time
         peers = {m: t for m, t in row["ms"].items() if m in PEERS}

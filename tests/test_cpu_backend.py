@@ -268,10 +268,12 @@ def test_forked_child_runs_without_the_parents_helpers():
 
 
 @pytest.mark.parametrize("batch, m, num_codes, dsub", [(1, 8, 256, 8), (2, 3, 17, 5), (3, 5, 300, 19), (1, 1, 1, 1),
-                                                     (2, 2, 9, 64), (1, 4, 8, 3)])
+                                                     (2, 2, 9, 64), (1, 4, 8, 3), (70, 32, 256, 2), (130, 16, 250, 4),
+                                                     (65, 2, 33, 8), (9, 3, 15, 7), (3, 2, 40, 9)])
 def test_subitem_scores_kernel_has_one_order_at_every_simd_level_and_batch(batch, m, num_codes, dsub):
-    """The vector path reproduces the scalar reference (eight fma lanes, then a fixed tree) bit for
-    bit, K and d/M not multiples of 8 included, and a query scores the same alone or in a batch."""
+    """The vector paths (across dimensions for d/M > 8, across sub-ids up to 8) reproduce the scalar
+    reference (eight fma lanes, then a fixed tree) bit for bit, K and d/M not multiples of 8 or 16
+    included, and a query scores the same alone or in a batch (batches over 64 shared by threads)."""
     g = torch.Generator().manual_seed(batch * 1000 + dsub)
     query, centroids = torch.randn(batch, m * dsub, generator=g), torch.randn(m, num_codes, dsub, generator=g)
     levels = [level for level in ("scalar", "avx2", "avx512") if cpu.simd_supported(level)]
@@ -285,7 +287,7 @@ def test_subitem_scores_kernel_has_one_order_at_every_simd_level_and_batch(batch
     torch.testing.assert_close(tables[0].double(), exact, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dsub", [9, 17])  # a partial last chunk after full ones
+@pytest.mark.parametrize("dsub", [9, 17, 8])  # a partial last chunk after full ones; 8: across sub-ids
 def test_subitem_scores_kernel_keeps_negative_zero_lanes(dsub):
     """Products that underflow to -0: the lanes past d/M in a partial chunk must keep their -0
     as the scalar reference does (a table of -0 and +0 entries, equal bit for bit on every path)."""

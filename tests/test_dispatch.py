@@ -30,10 +30,6 @@ def assert_matches_reference(query, centroids, codes, k, exclude=None, **kwargs)
     return got
 
 
-def no_fallback(rows, rows_exclude):
-    raise AssertionError("the matmul path fell back to the LUT scan")
-
-
 @pytest.mark.parametrize("n, m, dsub, k", [
     (1, 1, 3, 1), (37, 3, 5, 7), (200, 4, 16, 200), (3001, 2, 8, 3), (5000, 8, 4, 10), (4099, 1, 5, 1)])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
@@ -42,14 +38,18 @@ def test_matmul_matches_reference(n, m, dsub, k, dtype):
     assert_matches_reference(query, centroids, codes, k, algorithm="matmul")
 
 
-@pytest.mark.parametrize("n, k", [(3001, 3), (5000, 10), (20000, 5)])
-def test_block_selection_proves_the_topk_on_random_scores(n, k):
-    """Two narrowing steps with tails past the last whole block: proven without the LUT."""
-    query, centroids, codes = catalogue(n, 4, 8, batch=7)
-    S = ops.subitem_scores(query, centroids)
-    got = _decoded.matmul_topk(query, centroids, S, codes, k, None, no_fallback)
-    ref = ops.pq_topk(S, codes, k, backend="reference")
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+@pytest.mark.parametrize("n, m, dsub, k", [(3001, 4, 8, 3), (5000, 32, 2, 10), (20000, 16, 4, 5), (3417, 8, 8, 100),
+                                          (700, 3, 7, 690)])
+@pytest.mark.parametrize("batch", [1, 3, 70])
+@pytest.mark.parametrize("algorithm", ["matmul", "auto"])
+def test_matmul_at_every_batch_with_exclusions(monkeypatch, small_calls, n, m, dsub, k, batch, algorithm):
+    """Random scores, k near N, exclusions with duplicates and padding. Batches of 1 and 3 take the
+    one-call path (with "auto" picking the decoded table, or named), 70 the general one."""
+    monkeypatch.setattr(_decoded, "prefers_matmul", lambda *args: True)
+    query, centroids, codes = catalogue(n, m, dsub, num_codes=256, batch=batch)
+    exclude = torch.randint(-1, n, (batch, 9), generator=torch.Generator().manual_seed(n))
+    assert_matches_reference(query, centroids, codes, k, exclude=exclude, algorithm=algorithm)
+    assert small_calls["answered"] == int(batch <= 64)
 
 
 @pytest.mark.parametrize("n, k", [(64, 5), (3001, 10)])
@@ -72,9 +72,13 @@ def test_matmul_exclusions_and_the_empty_tail():
     assert not torch.isin(indices[0], torch.tensor([0, 39, 17, 3])).any()
 
 
-def test_matmul_falls_back_to_the_scan_when_the_margin_proves_nothing(monkeypatch):
+def test_matmul_rescores_everything_when_the_margin_proves_nothing():
+    """|scores| beyond 2^100 (finite: S ~ 1e32): the margin is not trusted, every allowed item is
+    rescored from S, still the reference's answer."""
     query, centroids, codes = catalogue(3001, 4, 8, batch=6)
-    monkeypatch.setattr(_decoded, "_SAFE_BOUND", 0.0)  # every query "could overflow": all rescanned
+    query, centroids = query * 1e16, centroids * 1e16
+    margins = torch.ops.recjpq_cpu.decoded_margin(query, _decoded.decoded_table(codes, centroids).abs_max, 4)
+    assert (margins[:, 1] > 2.0 ** 100).all()  # the case this test is about
     exclude = torch.tensor([[5, -1]] * 6)
     assert_matches_reference(query, centroids, codes, 10, exclude=exclude, algorithm="matmul")
 
@@ -83,7 +87,7 @@ def test_margin_bounds_the_gemm_error():
     """The bound holds against float64 truth for both float32 routes (GEMM and S sums)."""
     query, centroids, codes = catalogue(2000, 8, 64, num_codes=256, batch=16)
     table = _decoded.decoded_table(codes, centroids)
-    margin, _ = _decoded.score_margin(query, centroids, table.abs_max)
+    margin = torch.ops.recjpq_cpu.decoded_margin(query, table.abs_max, 8)[:, 0]
     truth = query.double() @ table.table.double()
     approx = torch.mm(query, table.table).double()
     exact = ops.pq_scores(ops.subitem_scores(query, centroids), codes, backend="reference").double()
@@ -92,13 +96,14 @@ def test_margin_bounds_the_gemm_error():
 
 
 @pytest.mark.parametrize("prefers", [True, False])
-def test_auto_runs_the_branch_the_dispatch_picks(monkeypatch, prefers):
-    query, centroids, codes = catalogue(500, 4, 4, batch=9)
+@pytest.mark.parametrize("batch", [1, 9, 70])
+def test_auto_runs_the_branch_the_dispatch_picks(monkeypatch, prefers, batch):
+    query, centroids, codes = catalogue(500, 4, 4, batch=batch)
     calls = []
-    real = _decoded.matmul_topk
+    real = _decoded.decoded_table
     monkeypatch.setattr(_decoded, "prefers_matmul", lambda *args: prefers)
-    monkeypatch.setattr(_decoded, "matmul_topk", lambda *args: calls.append(1) or real(*args))
-    exclude = torch.tensor([[1, 2, -1]] * 9)
+    monkeypatch.setattr(_decoded, "decoded_table", lambda *args: calls.append(1) or real(*args))
+    exclude = torch.tensor([[1, 2, -1]] * batch)
     assert_matches_reference(query, centroids, codes, 8, exclude=exclude)
     assert len(calls) == int(prefers)
     calls.clear()
@@ -220,20 +225,6 @@ def test_matmul_rejects_bad_values_before_scoring(bad):
         ops.pq_topk_query(query, centroids, codes, 3, exclude=exclude, algorithm="matmul")
 
 
-def test_matmul_large_k_keeps_a_bounded_pool(monkeypatch):
-    """k near N / 192: blocks cannot narrow the pool, the best items are kept instead (no full
-    rescoring), still proven without the LUT."""
-    query, centroids, codes = catalogue(3417, 4, 4, batch=3)
-    S = ops.subitem_scores(query, centroids)
-    sizes = []
-    real = _decoded.exact_scores
-    monkeypatch.setattr(_decoded, "exact_scores", lambda S, codes, ids: sizes.append(ids.shape[1]) or real(S, codes, ids))
-    got = _decoded.matmul_topk(query, centroids, S, codes, 100, None, no_fallback)
-    ref = ops.pq_topk(S, codes, 100, backend="reference")
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-    assert sizes[0] <= 4 * (100 + _decoded.EXTRA + 100 // 4)
-
-
 # ---- the one-call path for one or two CPU queries (recjpq.backends.cpu.topk_query_small) ----
 
 @pytest.fixture
@@ -315,7 +306,7 @@ def test_small_call_raises_the_general_paths_errors(case):
 def test_small_call_only_where_the_general_path_gives_the_same(small_calls):
     query, centroids, codes = catalogue(500, 4, 4, batch=65)
     ops.pq_topk_query(query, centroids, codes, 5)  # more queries than one call takes
-    ops.pq_topk_query(query[:1], centroids, codes, 5, algorithm="lut")  # an algorithm named
+    ops.pq_topk_query(query[:1], centroids, codes, 5, backend="cpu")  # a backend named
     leaf = query[:1].clone().requires_grad_()
     values, _ = ops.pq_topk_query(leaf, centroids, codes, 5)  # a gradient wanted
     values.sum().backward()

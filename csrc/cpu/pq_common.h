@@ -92,6 +92,11 @@ class ExcludeLists {
     const auto& ids = lists_[query];
     return !ids.empty() && std::binary_search(ids.begin(), ids.end(), item);
   }
+  // the query's excluded ids, sorted (duplicates kept)
+  const std::vector<int64_t>& of(int64_t query) const {
+    static const std::vector<int64_t> kNone;
+    return lists_.empty() ? kNone : lists_[query];
+  }
 
  private:
   std::vector<std::vector<int64_t>> lists_;
@@ -142,9 +147,19 @@ ByteTableFns byte_table_fns(Simd level);
 // S[b, m, k] = the dot product of query[b, m-th chunk] and centroids[m, k] in one fixed order of
 // float32 operations (eight fma lane sums, then a tree: dot8_scalar in pq_simd.cpp). Every SIMD
 // level gives these bits; the scalar path is the reference of the vector one.
+// Up to kSmallSplit dimensions per split the vector paths work across sub-ids (16 per AVX-512
+// register) rather than across dimensions: fast enough to replace the batched matmul at any batch.
+constexpr int64_t kSmallSplit = 8;
 using SubitemScoresFn = void (*)(const float* query, int64_t batch, const float* centroids, int64_t M, int64_t K,
                                  int64_t dsub, float* S);
 SubitemScoresFn subitem_scores_fn(Simd level);
+// The table of `batch` queries with subitem_scores_fn(level), large batches shared among threads.
+void subitem_scores_into(Simd level, const float* query, int64_t batch, const float* centroids, int64_t M, int64_t K,
+                         int64_t dsub, float* S);
+
+// Bit j says whether x[j] >= threshold, for the kBlock floats at x (a nan is never above).
+using AboveFn = uint64_t (*)(const float* x, float threshold);
+AboveFn above_fn(Simd level);
 
 // Calls fn(CodeT{}) with CodeT matching the codes dtype (uint8, int16, int32).
 template <typename Fn>
@@ -161,6 +176,20 @@ auto dispatch_codes(at::ScalarType dtype, Fn&& fn) {
 // of N items; checks S finite and the exclusion ids in range (ValueError) on the data it scans.
 std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor& blocked, int64_t n, int64_t k,
                                            const c10::optional<at::Tensor>& exclude, c10::string_view simd);
+
+// recjpq.ops.pq_topk_query's "matmul" algorithm (pq_topk_decoded.cpp): the GEMM of the float32
+// queries with the decoded table [d, N], then each query's exact top-k from S over the items the
+// GEMM's error margin cannot rule out. S: subitem_scores's table, or none for d/M <= kSmallSplit
+// (computed here). Same checks and result as pq_topk on S.
+std::tuple<at::Tensor, at::Tensor> pq_topk_decoded(const at::Tensor& query, const at::Tensor& centroids,
+                                                   const c10::optional<at::Tensor>& S, const at::Tensor& table,
+                                                   const at::Tensor& abs_max, const at::Tensor& blocked, int64_t n,
+                                                   int64_t k, const c10::optional<at::Tensor>& exclude,
+                                                   c10::string_view simd);
+
+// A float32 buffer of the calling thread, reused across calls (slot 0: the batched matmul's table,
+// 1: S, 2: the GEMM's scores): a fresh table of a few hundred KB costs a page fault per 4 KB page.
+at::Tensor workspace(int slot, at::IntArrayRef sizes);
 
 void check_table(const at::Tensor& S, int64_t M);
 // ValueError if S holds a nan or inf: the top-k kernels check the very table they then scan, so

@@ -39,7 +39,9 @@ ExcludeLists::ExcludeLists(const c10::optional<at::Tensor>& exclude, int64_t bat
 
 void write_topk(std::vector<int64_t>& keys, int64_t k, float* values, int64_t* indices) {
   const int64_t found = std::min<int64_t>(k, keys.size());
-  std::partial_sort(keys.begin(), keys.begin() + found, keys.end(), std::greater<int64_t>());
+  if (found < static_cast<int64_t>(keys.size()))  // then sort the best `found`: cheaper than a partial sort
+    std::nth_element(keys.begin(), keys.begin() + (found - 1), keys.end(), std::greater<int64_t>());
+  std::sort(keys.begin(), keys.begin() + found, std::greater<int64_t>());
   for (int64_t j = 0; j < found; ++j) {
     values[j] = key_score(keys[j]);
     indices[j] = key_index(keys[j]);

@@ -272,15 +272,118 @@ __attribute__((target("avx2,fma"))) void subitem_scores_avx2(const float* query,
   }
 }
 
+// dot8_scalar for every query, vectorised across sub-ids instead of dimensions: for d/M <= 8
+// (kSmallSplit) the lanes of lanes8 would sit mostly idle. Each split's centroids are transposed to
+// [dsub, K] (at most 8 KB at K = 256, reused by every query), so lane l of WIDTH sub-ids is one
+// register: the lane sums and the tree are dot8_scalar's operations in its order, per sub-id. DSUB
+// is a template argument so that the lanes stay in registers. A macro, not a template over the
+// width, because each width needs its own target attribute on the whole loop.
+#define RECJPQ_SCORES_BY_CODE(NAME, TARGET, V, WIDTH, ZERO, SET1, LOADU, STOREU, ADD, FMA)                     \
+  template <int DSUB>                                                                                            \
+  __attribute__((target(TARGET))) void NAME##_split(const float* query, int64_t batch, int64_t M, int64_t m,     \
+                                                    const float* cT, int64_t K, float* S) {                      \
+    for (int64_t b = 0; b < batch; ++b) {                                                                        \
+      const float* q = query + (b * M + m) * DSUB;                                                               \
+      float* out = S + (b * M + m) * K;                                                                          \
+      V qj[DSUB];                                                                                                \
+      for (int j = 0; j < DSUB; ++j) qj[j] = SET1(q[j]);                                                         \
+      int64_t k = 0;                                                                                             \
+      for (; k + WIDTH <= K; k += WIDTH) {                                                                       \
+        V lane[8];                                                                                               \
+        for (int l = 0; l < 8; ++l) lane[l] = ZERO();                                                            \
+        for (int j = 0; j < DSUB; ++j) lane[j] = FMA(qj[j], LOADU(cT + j * K + k), lane[j]);                     \
+        STOREU(out + k, ADD(ADD(ADD(lane[0], lane[1]), ADD(lane[2], lane[3])),                                   \
+                            ADD(ADD(lane[4], lane[5]), ADD(lane[6], lane[7]))));                                 \
+      }                                                                                                          \
+      for (; k < K; ++k) {                                                                                       \
+        float c[DSUB];                                                                                           \
+        for (int j = 0; j < DSUB; ++j) c[j] = cT[j * K + k];                                                     \
+        out[k] = dot8_scalar(q, c, DSUB);                                                                        \
+      }                                                                                                          \
+    }                                                                                                            \
+  }                                                                                                              \
+  __attribute__((target(TARGET))) void NAME(const float* query, int64_t batch, const float* centroids, int64_t M, \
+                                            int64_t K, int64_t dsub, float* S) {                                 \
+    using SplitFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*);           \
+    static constexpr SplitFn kSplit[kSmallSplit] = {&NAME##_split<1>, &NAME##_split<2>, &NAME##_split<3>,        \
+                                                   &NAME##_split<4>, &NAME##_split<5>, &NAME##_split<6>,         \
+                                                   &NAME##_split<7>, &NAME##_split<8>};                          \
+    thread_local std::vector<float> transposed;                                                                  \
+    transposed.resize(dsub * K);                                                                                 \
+    float* cT = transposed.data();                                                                               \
+    for (int64_t m = 0; m < M; ++m) {                                                                            \
+      const float* cm = centroids + m * K * dsub;                                                                \
+      for (int64_t k = 0; k < K; ++k)                                                                            \
+        for (int64_t j = 0; j < dsub; ++j) cT[j * K + k] = cm[k * dsub + j];                                     \
+      kSplit[dsub - 1](query, batch, M, m, cT, K, S);                                                            \
+    }                                                                                                            \
+  }
+
+RECJPQ_SCORES_BY_CODE(scores_by_code_avx2, "avx2,fma", __m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps,
+                      _mm256_storeu_ps, _mm256_add_ps, _mm256_fmadd_ps)
+RECJPQ_SCORES_BY_CODE(scores_by_code_avx512, "avx512f", __m512, 16, _mm512_setzero_ps, _mm512_set1_ps,
+                      _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_fmadd_ps)
+#undef RECJPQ_SCORES_BY_CODE
+
+__attribute__((target("avx2,fma"))) void subitem_scores_any_avx2(const float* query, int64_t batch,
+                                                                const float* centroids, int64_t M, int64_t K,
+                                                                int64_t dsub, float* S) {
+  if (dsub <= kSmallSplit) return scores_by_code_avx2(query, batch, centroids, M, K, dsub, S);
+  subitem_scores_avx2(query, batch, centroids, M, K, dsub, S);
+}
+
+__attribute__((target("avx512f,avx2,fma"))) void subitem_scores_any_avx512(const float* query, int64_t batch,
+                                                                          const float* centroids, int64_t M,
+                                                                          int64_t K, int64_t dsub, float* S) {
+  if (dsub <= kSmallSplit) return scores_by_code_avx512(query, batch, centroids, M, K, dsub, S);
+  subitem_scores_avx2(query, batch, centroids, M, K, dsub, S);
+}
+
+__attribute__((target("avx2"))) uint64_t above_avx2(const float* x, float threshold) {
+  const __m256 t = _mm256_set1_ps(threshold);
+  uint64_t mask = 0;
+  for (int r = 0; r < 8; ++r)
+    mask |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + 8 * r), t, _CMP_GE_OQ)))
+            << (8 * r);
+  return mask;
+}
+
+__attribute__((target("avx512f"))) uint64_t above_avx512(const float* x, float threshold) {
+  const __m512 t = _mm512_set1_ps(threshold);
+  uint64_t mask = 0;
+  for (int r = 0; r < 4; ++r)
+    mask |= static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(x + 16 * r), t, _CMP_GE_OQ)) << (16 * r);
+  return mask;
+}
+
 #endif  // RECJPQ_X86
+
+uint64_t above_scalar(const float* x, float threshold) {
+  uint64_t mask = 0;
+  for (int64_t j = 0; j < kBlock; ++j) mask |= static_cast<uint64_t>(x[j] >= threshold) << j;
+  return mask;
+}
 
 }  // namespace
 
+AboveFn above_fn(Simd level) {
+  switch (level) {
+#ifdef RECJPQ_X86
+    case Simd::kAvx512: return &above_avx512;
+    case Simd::kAvx2: return &above_avx2;
+#endif
+    default: return &above_scalar;
+  }
+}
+
 SubitemScoresFn subitem_scores_fn(Simd level) {
 #ifdef RECJPQ_X86
-  // 8-lane sums are the defined order, so AVX-512 runs the AVX2 code (its CPUs have AVX2 and FMA)
+  // one order at every level: AVX-512 runs the AVX2 lane code for d/M > 8 (its CPUs have AVX2 and
+  // FMA) and 16 sub-ids per register for d/M <= 8
+  if (level == Simd::kAvx512 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return &subitem_scores_any_avx512;
   if (level != Simd::kScalar && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return &subitem_scores_avx2;
+    return &subitem_scores_any_avx2;
 #endif
   (void)level;
   return &subitem_scores_scalar;

@@ -1,6 +1,7 @@
 // recjpq.ops.pq_topk_query's call for a few float32 CPU queries outside autograd (a model's top-k
 // at inference; recjpq.backends.cpu.topk_query_small): the sub-item score table and the scan in one
-// call from Python, saving two dispatches and the Python between them. Returns None where a
+// call from Python, saving two dispatches and the Python between them; with a decoded item table,
+// the "matmul" algorithm (pq_topk_decoded.cpp) instead of the scan. Returns None where a
 // precondition does not hold; Python then takes its general path, which raises the error or handles
 // the case, so the messages live in one place. The table is computed as recjpq.ops.subitem_scores
 // computes it for the same queries, so the result is the general path's, bit for bit.
@@ -11,29 +12,29 @@
 #include "pq_common.h"
 
 namespace recjpq_cpu {
-namespace {
 
-// A float32 buffer of this thread, reused across calls: a fresh table of a few hundred KB costs a
-// page fault per 4 KB page on every call. A helper revoked by pq_topk may still read the table
-// after the call returns (docs/cpu-kernel.md); it holds the tensor, so the memory stays valid, and
-// it only scores into its dropped slot, so a later call's values cannot reach any result.
+// A helper revoked by pq_topk may still read the table after the call returns (docs/cpu-kernel.md);
+// it holds the tensor, so the memory stays valid, and it only scores into its dropped slot, so a
+// later call's values cannot reach any result.
 at::Tensor workspace(int slot, at::IntArrayRef sizes) {
-  thread_local at::Tensor buffers[2];
+  thread_local at::Tensor buffers[3];
   const int64_t numel = c10::multiply_integers(sizes);
   at::Tensor& buffer = buffers[slot];
   if (!buffer.defined() || buffer.numel() < numel) buffer = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
   return buffer.narrow(0, 0, numel).view(sizes);
 }
 
+namespace {
+
 // recjpq.ops.subitem_scores's table for these queries, bit for bit: the C++ kernel for up to
-// `kernel_rows` queries, else the batched matmul on the same views Python passes to torch.bmm.
-at::Tensor scores_table(const at::Tensor& query, const at::Tensor& centroids, int64_t kernel_rows,
-                        const std::string& simd) {
+// `kernel_rows` queries or up to kSmallSplit dimensions per split, else the batched matmul on the
+// same views Python passes to torch.bmm.
+at::Tensor scores_table(const at::Tensor& query, const at::Tensor& centroids, int64_t kernel_rows, Simd simd) {
   const int64_t batch = query.size(0), M = centroids.size(0), K = centroids.size(1), dsub = centroids.size(2);
   at::Tensor S = workspace(1, {batch, M, K});
-  if (batch <= kernel_rows) {
-    subitem_scores_fn(parse_simd(simd))(query.data_ptr<float>(), batch, centroids.data_ptr<float>(), M, K, dsub,
-                                        S.data_ptr<float>());
+  if (batch <= kernel_rows || dsub <= kSmallSplit) {
+    subitem_scores_into(simd, query.data_ptr<float>(), batch, centroids.data_ptr<float>(), M, K, dsub,
+                        S.data_ptr<float>());
     return S;
   }
   at::Tensor by_split = workspace(0, {M, batch, K});
@@ -48,7 +49,9 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> pq_topk_query_small(const at::
                                                                       const at::Tensor& blocked, int64_t n,
                                                                       int64_t k,
                                                                       const std::optional<at::Tensor>& exclude,
-                                                                      const std::string& simd, int64_t kernel_rows) {
+                                                                      const std::string& simd, int64_t kernel_rows,
+                                                                      const std::optional<at::Tensor>& table,
+                                                                      const std::optional<at::Tensor>& abs_max) {
   auto dense_float = [](const at::Tensor& t, int64_t dims) {
     return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dims && t.is_contiguous();
   };
@@ -59,7 +62,14 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> pq_topk_query_small(const at::
   if (exclude && !(exclude->device().is_cpu() && exclude->scalar_type() == at::kLong && exclude->dim() == 2 &&
                    exclude->size(0) == batch && exclude->is_contiguous()))
     return std::nullopt;
-  return pq_topk(scores_table(query, centroids, kernel_rows, simd), blocked, n, k, exclude, simd);
+  if (table.has_value() != abs_max.has_value() || (table && !(dense_float(*table, 2) && table->size(0) == query.size(1) &&
+                                                              table->size(1) == n)))
+    return std::nullopt;
+  if (table && dsub <= kSmallSplit)  // S in chunks, inside
+    return pq_topk_decoded(query, centroids, std::nullopt, *table, *abs_max, blocked, n, k, exclude, simd);
+  const at::Tensor S = scores_table(query, centroids, kernel_rows, parse_simd(simd));
+  if (table) return pq_topk_decoded(query, centroids, S, *table, *abs_max, blocked, n, k, exclude, simd);
+  return pq_topk(S, blocked, n, k, exclude, simd);
 }
 
 }  // namespace recjpq_cpu

@@ -76,16 +76,27 @@ def prune_index(info: CodesInfo, num_codes: int) -> tuple[torch.Tensor, torch.Te
     return info.prepared[key]
 
 
-def topk_query_small(query, centroids, codes, k, exclude, kernel_rows):
+def codes_in_range(codes, centroids) -> bool:
+    """Whether the snapshot of ``codes`` (non-empty) lies in ``[0, K)`` of ``centroids``."""
+    if _IMPORT_ERROR is not None or codes.shape[0] == 0 or codes.shape[1] == 0:
+        return False
+    info = codes_info(codes)
+    return 0 <= info.min_code and info.max_code < centroids.shape[1]
+
+
+def topk_query_small(query, centroids, codes, k, exclude, kernel_rows, decoded=None):
     """``pq_topk_query``'s result in one C++ call (table + scan, csrc/cpu/pq_topk_query.cpp) for
     arguments that ``recjpq.ops`` has screened (a few CPU queries, no autograd), or None where the
     extension or a precondition is missing (the caller then runs the general path). The table is
-    ``subitem_scores``'s: the C++ kernel up to ``kernel_rows`` queries, the batched matmul above."""
-    if _IMPORT_ERROR is not None or codes.shape[0] == 0 or codes.shape[1] == 0:
+    ``subitem_scores``'s: the C++ kernel up to ``kernel_rows`` queries or up to 8 dimensions per
+    split, the batched matmul otherwise. ``decoded``: the catalogue's ``DecodedTable``, for the
+    "matmul" algorithm; it reads the snapshot that table was decoded from."""
+    if decoded is not None:  # its snapshot was range-checked for these centroids
+        return recjpq._C.pq_topk_query_small(query, centroids, decoded.blocked, decoded.n, k, exclude, simd_level(),
+                                             kernel_rows, decoded.table, decoded.abs_max)
+    if not codes_in_range(codes, centroids):
         return None
     info = codes_info(codes)
-    if info.min_code < 0 or info.max_code >= centroids.shape[1]:
-        return None
     return recjpq._C.pq_topk_query_small(query, centroids, info.blocked, info.n, k, exclude, simd_level(),
                                          kernel_rows)
 

@@ -12,7 +12,8 @@ from recjpq._validate import (CODE_DTYPES, FLOAT_DTYPES, check_codes, check_k_ex
                               check_tensor, check_values)
 from recjpq.ops import _decoded
 from recjpq.ops.pq_topk import _backward as _pq_topk_backward, _setup as _pq_topk_setup, run_topk
-from recjpq.ops.subitem_scores import CPU_KERNEL_MAX_ROWS, check_subitem_args, scores_table, wants_grad
+from recjpq.ops.subitem_scores import (CPU_KERNEL_MAX_ROWS, check_subitem_args, cpu_kernel_at_any_batch, scores_table,
+                                      wants_grad)
 
 # "decode*" differ in the tensor-core input precision (kernels/pq_decode_topk.py: DECODE_ALGORITHMS)
 ALGORITHMS = ("auto", "lut", "matmul", "decode", "decode_tf32x3", "decode_bf16")
@@ -44,10 +45,11 @@ _pq_topk_query_op.register_autograd(_backward, setup_context=_pq_topk_setup)
 ONE_CALL_MAX_ROWS = 64
 
 
-def _small_cpu_call(query, centroids, codes, k, exclude):
+def _small_cpu_call(query, centroids, codes, k, exclude, algorithm):
     """The general path's result from one C++ call, for the calls a model makes at inference (a few
     CPU queries, no gradient wanted); None for anything else, or anything it does not vouch for,
-    which the general path then handles (its errors included)."""
+    which the general path then handles (its errors included). ``algorithm``: "auto", "lut" or
+    "matmul"."""
     if not (isinstance(query, torch.Tensor) and isinstance(centroids, torch.Tensor) and isinstance(codes, torch.Tensor)
             and (exclude is None or isinstance(exclude, torch.Tensor)) and type(k) is int):
         return None
@@ -57,11 +59,20 @@ def _small_cpu_call(query, centroids, codes, k, exclude):
         return None
     if wants_grad(query, centroids) or torch.compiler.is_compiling():
         return None
-    if _decoded.prefers_matmul(query.shape[0], codes.shape[0], query.shape[1], codes.shape[1], k, query.device):
-        return None
     from recjpq.backends import cpu
 
-    return cpu.topk_query_small(query, centroids, codes, k, exclude, CPU_KERNEL_MAX_ROWS)
+    decoded = None
+    if algorithm == "matmul" or (algorithm == "auto" and _decoded.prefers_matmul(
+            query.shape[0], codes.shape[0], query.shape[1], codes.shape[1], k)):
+        if (_decoded.unavailable_reason(query.device) is not None or codes.shape[1] == 0
+                or centroids.shape[0] != codes.shape[1] or not 0 < k <= codes.shape[0]):
+            return None if algorithm == "matmul" else cpu.topk_query_small(query, centroids, codes, k, exclude,
+                                                                          CPU_KERNEL_MAX_ROWS)
+        try:  # the snapshot it decodes is range-checked: no separate check of the codes here
+            decoded = _decoded.decoded_table(codes, centroids)
+        except ValueError:
+            return None  # codes out of range: the general path raises the error
+    return cpu.topk_query_small(query, centroids, codes, k, exclude, CPU_KERNEL_MAX_ROWS, decoded)
 
 
 def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, k: int, *,
@@ -82,8 +93,8 @@ def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Ten
     wins (``_decoded.prefers_matmul``; docs/cpu-kernel.md), else ``"lut"``. Values are
     differentiable with respect to ``query`` and ``centroids`` (through S).
     """
-    if backend is None and algorithm == "auto":
-        result = _small_cpu_call(query, centroids, codes, k, exclude)
+    if backend is None and algorithm in ("auto", "lut", "matmul"):
+        result = _small_cpu_call(query, centroids, codes, k, exclude, algorithm)
         if result is not None:
             return result
     if algorithm not in ALGORITHMS:
@@ -104,19 +115,21 @@ def pq_topk_query(query: torch.Tensor, centroids: torch.Tensor, codes: torch.Ten
         reason = _decoded.unavailable_reason(query.device)
         if reason is not None:
             raise ValueError(f"algorithm='matmul' cannot run: {reason}")
-    # S stays inside this call (the backends return new tensors), so outside autograd it may live
-    # in a reused buffer: fresh tables of a few MB cost more in page faults than the scan
-    S = scores_table(query, centroids, scratch=not wants_grad(query, centroids))
-    check_k_exclude(k, codes.shape[0], exclude, S)
-    if algorithm == "auto" and backend is None and _decoded.prefers_matmul(S.shape[0], codes.shape[0], query.shape[1],
-                                                                            codes.shape[1], k, query.device):
+    check_k_exclude(k, codes.shape[0], exclude, query)  # S will have the queries' rows and device
+    if (algorithm == "auto" and backend is None and _decoded.prefers_matmul(query.shape[0], codes.shape[0],
+                                                                             query.shape[1], codes.shape[1], k)
+            and _decoded.unavailable_reason(query.device) is None):
         algorithm = "matmul"
+    grad = wants_grad(query, centroids)
     if algorithm == "matmul" and not torch.compiler.is_compiling():
         if exclude is not None:
             exclude = exclude.contiguous()
-        codes = codes.contiguous()
-        return _decoded.matmul_topk(query, centroids, S, codes, k, exclude,
-                                    lambda rows, rows_exclude: run_topk(rows, codes, k, rows_exclude, backend, "auto"))
+        # the kernel computes S itself, a chunk of queries at a time, where it is the C++ table
+        S = None if not grad and cpu_kernel_at_any_batch(query, centroids) else scores_table(query, centroids)
+        return _decoded.matmul_topk(query, centroids, S, codes.contiguous(), k, exclude)
+    # S stays inside this call (the backends return new tensors), so outside autograd it may live
+    # in a reused buffer: fresh tables of a few MB cost more in page faults than the scan
+    S = scores_table(query, centroids, scratch=not grad)
     if not decode:  # "lut"; "matmul" under torch.compile (data-dependent fallback), which gives the same result
         return run_topk(S, codes, k, exclude, backend, "auto")
     name = backends.resolve("triton", S.device, "pq_topk_query")

@@ -16,6 +16,9 @@ def score_dtype(query: torch.Tensor, embeddings: torch.Tensor) -> torch.dtype:
 # centroids once per query, where BLAS blocks them over the batch: measured on one AVX-512 thread
 # (d = 64 / 512), it is 2.2x / 1.3x faster than torch.bmm at B = 1 and 2.1x / 2.6x slower at B = 8
 CPU_KERNEL_MAX_ROWS = 2
+# up to this many dimensions per split it works across sub-ids and takes every batch (csrc/cpu/pq_common.h,
+# kSmallSplit): torch.bmm multiplies such thin matrices slowly
+CPU_KERNEL_MAX_SPLIT = 8
 
 
 def wants_grad(query: torch.Tensor, centroids: torch.Tensor) -> bool:
@@ -34,6 +37,12 @@ def _cpu_kernel_applies(query: torch.Tensor, centroids: torch.Tensor) -> bool:
     from recjpq.backends import cpu
 
     return cpu.unavailable_reason(query.device) is None
+
+
+def cpu_kernel_at_any_batch(query: torch.Tensor, centroids: torch.Tensor) -> bool:
+    """Whether S is the C++ kernel's table whatever the batch (its values per entry do not depend
+    on the rows around it), so a kernel may compute it in pieces."""
+    return centroids.shape[2] <= CPU_KERNEL_MAX_SPLIT and _cpu_kernel_applies(query, centroids)
 
 
 class _CpuSubitemScores(torch.autograd.Function):
@@ -106,7 +115,8 @@ def scores_table(query: torch.Tensor, centroids: torch.Tensor, *, scratch: bool 
     m, num_codes, dsub = centroids.shape
     rows = query.numel() // (m * dsub) if m * dsub else 0
     # one or two queries: no BLAS parallel region to stall on a busy machine (csrc/cpu/subitem_scores.cpp)
-    if rows <= CPU_KERNEL_MAX_ROWS and _cpu_kernel_applies(query, centroids):
+    if (rows <= CPU_KERNEL_MAX_ROWS and _cpu_kernel_applies(query, centroids)) or cpu_kernel_at_any_batch(query,
+                                                                                                         centroids):
         flat, table = query.reshape(-1, m * dsub).contiguous(), centroids.contiguous()
         if wants_grad(query, centroids):
             S = _CpuSubitemScores.apply(flat, table)
