@@ -11,5 +11,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("query"), pybind11::arg("centroids"), pybind11::arg("blocked"), pybind11::arg("n"),
         pybind11::arg("k"), pybind11::arg("exclude"), pybind11::arg("simd"), pybind11::arg("kernel_rows"),
         pybind11::arg("table") = pybind11::none(), pybind11::arg("abs_max") = pybind11::none(),
+        pybind11::arg("centroids_t") = pybind11::none(),
         pybind11::call_guard<pybind11::gil_scoped_release>());  // as torch.ops calls do: a server's other threads run
 }

@@ -153,9 +153,18 @@ constexpr int64_t kSmallSplit = 8;
 using SubitemScoresFn = void (*)(const float* query, int64_t batch, const float* centroids, int64_t M, int64_t K,
                                  int64_t dsub, float* S);
 SubitemScoresFn subitem_scores_fn(Simd level);
+// subitem_scores_fn's table for d/M <= kSmallSplit from centroids already transposed to [M, d/M, K]
+// (centroids_t replaces the centroids argument): the same bits, without a transposition per call.
+SubitemScoresFn subitem_scores_transposed_fn(Simd level);
 // The table of `batch` queries with subitem_scores_fn(level), large batches shared among threads.
 void subitem_scores_into(Simd level, const float* query, int64_t batch, const float* centroids, int64_t M, int64_t K,
                          int64_t dsub, float* S);
+
+// out[i] = sum_j q[j] table[j * n + i] for i < n, summed in any order (the decoded path's approximate
+// scores, whose error its margin bounds): for a few queries it beats the BLAS call (2.5x at d = 64,
+// N = 3,417), which pays its dispatch and threading for a product of microseconds.
+using GemvFn = void (*)(const float* q, int64_t d, const float* table, int64_t n, float* out);
+GemvFn gemv_fn(Simd level);
 
 // Bit j says whether x[j] >= threshold, for the kBlock floats at x (a nan is never above).
 using AboveFn = uint64_t (*)(const float* x, float threshold);
@@ -180,8 +189,9 @@ std::tuple<at::Tensor, at::Tensor> pq_topk(const at::Tensor& S, const at::Tensor
 // recjpq.ops.pq_topk_query's "matmul" algorithm (pq_topk_decoded.cpp): the GEMM of the float32
 // queries with the decoded table [d, N], then each query's exact top-k from S over the items the
 // GEMM's error margin cannot rule out. S: subitem_scores's table, or none for d/M <= kSmallSplit
-// (computed here). Same checks and result as pq_topk on S.
-std::tuple<at::Tensor, at::Tensor> pq_topk_decoded(const at::Tensor& query, const at::Tensor& centroids,
+// (computed here from centroids_t, the centroids transposed to [M, d/M, K]). Same checks and
+// result as pq_topk on S.
+std::tuple<at::Tensor, at::Tensor> pq_topk_decoded(const at::Tensor& query, const at::Tensor& centroids_t,
                                                    const c10::optional<at::Tensor>& S, const at::Tensor& table,
                                                    const at::Tensor& abs_max, const at::Tensor& blocked, int64_t n,
                                                    int64_t k, const c10::optional<at::Tensor>& exclude,

@@ -317,6 +317,14 @@ __attribute__((target("avx2,fma"))) void subitem_scores_avx2(const float* query,
         for (int64_t j = 0; j < dsub; ++j) cT[j * K + k] = cm[k * dsub + j];                                     \
       kSplit[dsub - 1](query, batch, M, m, cT, K, S);                                                            \
     }                                                                                                            \
+  }                                                                                                              \
+  __attribute__((target(TARGET))) void NAME##_t(const float* query, int64_t batch, const float* centroids_t,     \
+                                                int64_t M, int64_t K, int64_t dsub, float* S) {                  \
+    using SplitFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*);           \
+    static constexpr SplitFn kSplit[kSmallSplit] = {&NAME##_split<1>, &NAME##_split<2>, &NAME##_split<3>,        \
+                                                   &NAME##_split<4>, &NAME##_split<5>, &NAME##_split<6>,         \
+                                                   &NAME##_split<7>, &NAME##_split<8>};                          \
+    for (int64_t m = 0; m < M; ++m) kSplit[dsub - 1](query, batch, M, m, centroids_t + m * dsub * K, K, S);      \
   }
 
 RECJPQ_SCORES_BY_CODE(scores_by_code_avx2, "avx2,fma", __m256, 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps,
@@ -356,7 +364,80 @@ __attribute__((target("avx512f"))) uint64_t above_avx512(const float* x, float t
   return mask;
 }
 
+// 64 items per tile: four accumulators, one table row segment per dimension (rows are n apart)
+__attribute__((target("avx512f"))) void gemv_avx512(const float* q, int64_t d, const float* table, int64_t n,
+                                                    float* out) {
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; ++j) {
+      const __m512 qj = _mm512_set1_ps(q[j]);
+      const float* row = table + j * n + i;
+      a0 = _mm512_fmadd_ps(qj, _mm512_loadu_ps(row), a0);
+      a1 = _mm512_fmadd_ps(qj, _mm512_loadu_ps(row + 16), a1);
+      a2 = _mm512_fmadd_ps(qj, _mm512_loadu_ps(row + 32), a2);
+      a3 = _mm512_fmadd_ps(qj, _mm512_loadu_ps(row + 48), a3);
+    }
+    _mm512_storeu_ps(out + i, a0);
+    _mm512_storeu_ps(out + i + 16, a1);
+    _mm512_storeu_ps(out + i + 32, a2);
+    _mm512_storeu_ps(out + i + 48, a3);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 live = static_cast<__mmask16>(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; ++j)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(q[j]), _mm512_maskz_loadu_ps(live, table + j * n + i), acc);
+    _mm512_mask_storeu_ps(out + i, live, acc);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void gemv_avx2(const float* q, int64_t d, const float* table, int64_t n,
+                                                   float* out) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < d; ++j) {
+      const __m256 qj = _mm256_set1_ps(q[j]);
+      const float* row = table + j * n + i;
+      a0 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(row), a0);
+      a1 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(row + 8), a1);
+      a2 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(row + 16), a2);
+      a3 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(row + 24), a3);
+    }
+    _mm256_storeu_ps(out + i, a0);
+    _mm256_storeu_ps(out + i + 8, a1);
+    _mm256_storeu_ps(out + i + 16, a2);
+    _mm256_storeu_ps(out + i + 24, a3);
+  }
+  for (; i < n; ++i) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < d; ++j) acc += q[j] * table[j * n + i];
+    out[i] = acc;
+  }
+}
+
 #endif  // RECJPQ_X86
+
+void gemv_scalar(const float* q, int64_t d, const float* table, int64_t n, float* out) {
+  std::fill(out, out + n, 0.0f);
+  for (int64_t j = 0; j < d; ++j) {
+    for (int64_t i = 0; i < n; ++i) out[i] += q[j] * table[j * n + i];
+  }
+}
+
+void subitem_scores_transposed_scalar(const float* query, int64_t batch, const float* centroids_t, int64_t M,
+                                      int64_t K, int64_t dsub, float* S) {
+  float c[kSmallSplit];
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t j = 0; j < dsub; ++j) c[j] = centroids_t[(m * dsub + j) * K + k];
+        S[(b * M + m) * K + k] = dot8_scalar(query + (b * M + m) * dsub, c, dsub);
+      }
+    }
+  }
+}
 
 uint64_t above_scalar(const float* x, float threshold) {
   uint64_t mask = 0;
@@ -365,6 +446,25 @@ uint64_t above_scalar(const float* x, float threshold) {
 }
 
 }  // namespace
+
+GemvFn gemv_fn(Simd level) {
+  switch (level) {
+#ifdef RECJPQ_X86
+    case Simd::kAvx512: return &gemv_avx512;
+    case Simd::kAvx2: return __builtin_cpu_supports("fma") ? &gemv_avx2 : &gemv_scalar;
+#endif
+    default: return &gemv_scalar;
+  }
+}
+
+SubitemScoresFn subitem_scores_transposed_fn(Simd level) {
+#ifdef RECJPQ_X86
+  if (level == Simd::kAvx512) return &scores_by_code_avx512_t;
+  if (level == Simd::kAvx2 && __builtin_cpu_supports("fma")) return &scores_by_code_avx2_t;
+#endif
+  (void)level;
+  return &subitem_scores_transposed_scalar;
+}
 
 AboveFn above_fn(Simd level) {
   switch (level) {

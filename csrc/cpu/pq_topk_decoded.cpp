@@ -15,6 +15,7 @@
 namespace recjpq_cpu {
 namespace {
 
+constexpr int64_t kGemvRows = 4;  // queries per chunk up to which the GEMM is gemv_fn's, row by row
 constexpr double kUnit = 1.0 / (1 << 23);  // float32 error per operation, twice round-to-nearest's
 constexpr double kSafeBound = 1267650600228229401496703205376.0;  // 2^100: no float32 partial sum overflows below it
 
@@ -116,17 +117,17 @@ at::Tensor decoded_margin(const at::Tensor& query, const at::Tensor& abs_max, in
   return at::tensor(margins, query.options().dtype(at::kDouble)).view({batch, 2});
 }
 
-std::tuple<at::Tensor, at::Tensor> pq_topk_decoded(const at::Tensor& query, const at::Tensor& centroids,
+std::tuple<at::Tensor, at::Tensor> pq_topk_decoded(const at::Tensor& query, const at::Tensor& centroids_t,
                                                    const c10::optional<at::Tensor>& S_given, const at::Tensor& table,
                                                    const at::Tensor& abs_max, const at::Tensor& blocked, int64_t n,
                                                    int64_t k, const c10::optional<at::Tensor>& exclude,
                                                    c10::string_view simd) {
   check_blocked(blocked, n);
   const int64_t M = blocked.size(1);
-  TORCH_CHECK(centroids.device().is_cpu() && centroids.scalar_type() == at::kFloat && centroids.dim() == 3 &&
-                  centroids.size(0) == M && centroids.is_contiguous(),
-              "recjpq_cpu: centroids must be a contiguous float32 CPU tensor [M, K, d / M] with the codes' M");
-  const int64_t K = centroids.size(1), dsub = centroids.size(2), d = M * dsub;
+  TORCH_CHECK(centroids_t.device().is_cpu() && centroids_t.scalar_type() == at::kFloat && centroids_t.dim() == 3 &&
+                  centroids_t.size(0) == M && centroids_t.is_contiguous(),
+              "recjpq_cpu: centroids_t must be a contiguous float32 CPU tensor [M, d / M, K] with the codes' M");
+  const int64_t dsub = centroids_t.size(1), K = centroids_t.size(2), d = M * dsub;
   TORCH_CHECK(query.device().is_cpu() && query.scalar_type() == at::kFloat && query.dim() == 2 &&
                   query.size(1) == d && query.is_contiguous(),
               "recjpq_cpu: query must be a contiguous float32 CPU tensor [B, d] with d = M x d/M of the centroids");
@@ -147,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor> pq_topk_decoded(const at::Tensor& query, cons
   const std::vector<double> margins = margins_of(query.data_ptr<float>(), batch, abs_max.data_ptr<double>(), M, d);
   const Simd level = parse_simd(std::string(simd));
   const AboveFn above = above_fn(level);
+  const GemvFn gemv = gemv_fn(level);
   // Queries go in chunks whose GEMM rows (and S rows, when computed here) stay in cache for the
   // selection: at B = 512, N = 3,417, M = 32 a whole-batch S and GEMM (23 MB) made the rescoring's
   // reads of S miss the cache and cost 4x the GEMM. At least 32 rows: a GEMM of 8 rows costs 1.4x
@@ -163,14 +165,19 @@ std::tuple<at::Tensor, at::Tensor> pq_topk_decoded(const at::Tensor& query, cons
       S = S_given->narrow(0, b0, rows);
     } else {
       S = workspace(1, {rows, M, K});
-      subitem_scores_fn(level)(q_rows.data_ptr<float>(), rows, centroids.data_ptr<float>(), M, K, dsub,
-                               S.data_ptr<float>());
+      subitem_scores_transposed_fn(level)(q_rows.data_ptr<float>(), rows, centroids_t.data_ptr<float>(), M, K, dsub,
+                                          S.data_ptr<float>());
       bool bounded = true;  // then S is finite (margins_of), and the check would only cost time
       for (int64_t r = 0; r < rows; ++r) bounded &= margins[2 * (b0 + r) + 1] < kSafeBound;
       if (!bounded) check_finite(S);
     }
     at::Tensor approx = workspace(2, {rows, n});
-    at::mm_out(approx, q_rows, table);
+    if (rows <= kGemvRows) {
+      for (int64_t r = 0; r < rows; ++r)
+        gemv(q_rows.data_ptr<float>() + r * d, d, table.data_ptr<float>(), n, approx.data_ptr<float>() + r * n);
+    } else {
+      at::mm_out(approx, q_rows, table);
+    }
     dispatch_codes(blocked.scalar_type(), [&](auto tag) {
       using CodeT = decltype(tag);
       select_chunk<CodeT>(approx.data_ptr<float>(), S.data_ptr<float>(), blocked.data_ptr<CodeT>(), n, M, K, k, b0, rows,
@@ -183,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> pq_topk_decoded(const at::Tensor& query, cons
 
 TORCH_LIBRARY_FRAGMENT(recjpq_cpu, m) {
   m.def("decoded_margin(Tensor query, Tensor abs_max, int M) -> Tensor", &decoded_margin);
-  m.def("pq_topk_decoded(Tensor query, Tensor centroids, Tensor? S, Tensor table, Tensor abs_max, Tensor blocked, "
+  m.def("pq_topk_decoded(Tensor query, Tensor centroids_t, Tensor? S, Tensor table, Tensor abs_max, Tensor blocked, "
         "int n, int k, Tensor? exclude, str simd) -> (Tensor, Tensor)",
         &pq_topk_decoded);
 }

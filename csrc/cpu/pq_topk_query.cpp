@@ -51,7 +51,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> pq_topk_query_small(const at::
                                                                       const std::optional<at::Tensor>& exclude,
                                                                       const std::string& simd, int64_t kernel_rows,
                                                                       const std::optional<at::Tensor>& table,
-                                                                      const std::optional<at::Tensor>& abs_max) {
+                                                                      const std::optional<at::Tensor>& abs_max,
+                                                                      const std::optional<at::Tensor>& centroids_t) {
   auto dense_float = [](const at::Tensor& t, int64_t dims) {
     return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dims && t.is_contiguous();
   };
@@ -62,13 +63,14 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> pq_topk_query_small(const at::
   if (exclude && !(exclude->device().is_cpu() && exclude->scalar_type() == at::kLong && exclude->dim() == 2 &&
                    exclude->size(0) == batch && exclude->is_contiguous()))
     return std::nullopt;
-  if (table.has_value() != abs_max.has_value() || (table && !(dense_float(*table, 2) && table->size(0) == query.size(1) &&
-                                                              table->size(1) == n)))
+  if (table.has_value() != abs_max.has_value() || table.has_value() != centroids_t.has_value() ||
+      (table && !(dense_float(*table, 2) && table->size(0) == query.size(1) && table->size(1) == n &&
+                  dense_float(*centroids_t, 3) && centroids_t->sizes() == at::IntArrayRef({M, dsub, K}))))
     return std::nullopt;
   if (table && dsub <= kSmallSplit)  // S in chunks, inside
-    return pq_topk_decoded(query, centroids, std::nullopt, *table, *abs_max, blocked, n, k, exclude, simd);
+    return pq_topk_decoded(query, *centroids_t, std::nullopt, *table, *abs_max, blocked, n, k, exclude, simd);
   const at::Tensor S = scores_table(query, centroids, kernel_rows, parse_simd(simd));
-  if (table) return pq_topk_decoded(query, centroids, S, *table, *abs_max, blocked, n, k, exclude, simd);
+  if (table) return pq_topk_decoded(query, *centroids_t, S, *table, *abs_max, blocked, n, k, exclude, simd);
   return pq_topk(S, blocked, n, k, exclude, simd);
 }
 

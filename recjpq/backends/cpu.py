@@ -93,7 +93,7 @@ def topk_query_small(query, centroids, codes, k, exclude, kernel_rows, decoded=N
     "matmul" algorithm; it reads the snapshot that table was decoded from."""
     if decoded is not None:  # its snapshot was range-checked for these centroids
         return recjpq._C.pq_topk_query_small(query, centroids, decoded.blocked, decoded.n, k, exclude, simd_level(),
-                                             kernel_rows, decoded.table, decoded.abs_max)
+                                             kernel_rows, decoded.table, decoded.abs_max, decoded.centroids_t)
     if not codes_in_range(codes, centroids):
         return None
     info = codes_info(codes)

@@ -17,7 +17,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 class DecodedTable:
     """The decoded items transposed, ``[d, N]`` float32 (``torch.mm(q, table)`` reads it
     row-major, measured faster than ``q @ items.T``), per-dimension ``max |centroid|`` for the
-    margin, and the codes snapshot it was decoded from: the cpu backend's blocked copy, range-checked
+    margin, the centroids as ``[M, d/M, K]`` (the C++ sub-item table reads them so), and the codes snapshot it was decoded from: the cpu backend's blocked copy, range-checked
     on that copy, which the rescoring reads (so a caller's write to ``codes`` during the call cannot
     send it to another split's or query's scores), and the same rows as int64 for autograd."""
 
@@ -33,6 +33,7 @@ class DecodedTable:
             items = c[torch.arange(m, device=codes.device), self.codes]  # [N, M, d/M]
             self.table = items.flatten(1).t().contiguous()
             self.abs_max = centroids.detach().double().abs().amax(dim=1).reshape(-1)  # [d]
+            self.centroids_t = c.transpose(1, 2).contiguous()  # [M, d/M, K]: the C++ table's input
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -52,10 +53,17 @@ def unavailable_reason(device: torch.device) -> str | None:
 def prefers_matmul(batch: int, n: int, d: int, m: int, k: int) -> bool:
     """Whether ``algorithm="auto"`` takes the decoded table (where ``unavailable_reason`` allows it):
     the crossovers of ``bench/shape_grid.py --variants lut matmul`` (docs/cpu-kernel.md, "Dispatch
-    and crossover")."""
-    if batch < 512 or m < 16 or k > 16:
+    and crossover"; 1 thread, N in 3,417-100,000, B in 1-512, d in 64-128, M in 8-32, k in 10-100).
+    The scan's work grows with M and k, the GEMM's with d: the table pays for short splits (d/M <=
+    8), larger batches or k, and catalogues whose table stays in cache (N x d <= 1.3M floats)."""
+    dsub = d // m
+    if n * d > 1_300_000 or dsub > 8:
         return False
-    return n * (d // m) <= 40_000
+    if dsub <= 2 and (batch >= 64 or (batch >= 8 and k > 16 and n * d <= 500_000)):
+        return True
+    if dsub <= 4:
+        return batch >= 512 or (batch >= 64 and k > 16)
+    return k > 16 and (batch >= 512 or (batch >= 64 and n * d <= 500_000))
 
 
 def _key(t: torch.Tensor):
@@ -111,7 +119,7 @@ def matmul_topk(query, centroids, S, codes, k, exclude):
 
     table = decoded_table(codes, centroids)
     values, indices = torch.ops.recjpq_cpu.pq_topk_decoded(
-        query.detach().float().contiguous(), centroids.detach().float().contiguous(),
+        query.detach().float().contiguous(), table.centroids_t,
         None if S is None else S.detach().contiguous(), table.table, table.abs_max, table.blocked, table.n, k, exclude,
         cpu.simd_level())
     if S is not None and S.requires_grad:  # the same float32 sums again, recorded for autograd
