@@ -4,7 +4,8 @@
     python bench/fuzz_ops.py --examples 500     # a shorter run
 
 Each hypothesis case draws an op (``pq_topk`` with every algorithm, ``pq_scores``,
-``pq_topk_query``), the shape (B, N, M, K, k), the codes dtype, views and non-contiguous inputs
+``pq_topk_query`` on the cpu backend, and with ``backend=None`` as ``"auto"`` and ``"matmul"``,
+which take the one-call path and the decoded table), the shape (B, N, M, K, k), the codes dtype, views and non-contiguous inputs
 (strided rows, a column slice of a wider tensor, transposed storage), exclusions (with -1 padding,
 duplicates, out-of-result ids), tied integer scores, the thread count (1 or 2) and the SIMD path,
 and demands the reference backend's exact values and indices. ``tests/test_cpu_backend.py`` runs a
@@ -30,7 +31,7 @@ from recjpq import ops  # noqa: E402
 from recjpq.backends import cpu  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-OPS = ("topk_exhaustive", "topk_prune", "topk_auto", "scores", "topk_query")
+OPS = ("topk_exhaustive", "topk_prune", "topk_auto", "scores", "topk_query", "topk_query_auto", "topk_query_matmul")
 VIEWS = ("contiguous", "row_step", "column_slice", "transposed")
 SIMD_PATHS = tuple(level for level in ("scalar", "avx2", "avx512") if cpu.simd_supported(level))
 
@@ -87,11 +88,13 @@ def check_case(case: dict) -> None:
     torch.set_num_threads(case["threads"])
     try:
         with mock.patch.dict(os.environ, {cpu.SIMD_ENV: case["simd"]}):
-            if case["op"] == "topk_query":
-                dsub = int(torch.randint(1, 5, (1,), generator=g))
+            if case["op"].startswith("topk_query"):
+                dsub = int(torch.randint(1, 11, (1,), generator=g))  # both sides of the C++ table's 8
                 query = _view(_values((batch, m * dsub), g, case["integer_scores"]), case["table_view"])
                 centroids = _view(_values((m, num_codes, dsub), g, case["integer_scores"]), case["table_view"])
-                got = ops.pq_topk_query(query, centroids, codes, k, exclude=exclude, backend="cpu")
+                how = {"topk_query": {"backend": "cpu"}, "topk_query_auto": {},
+                       "topk_query_matmul": {"algorithm": "matmul"}}[case["op"]]
+                got = ops.pq_topk_query(query, centroids, codes, k, exclude=exclude, **how)
                 want = ops.pq_topk_query(query, centroids, codes, k, exclude=exclude, backend="reference")
             else:
                 S = _view(_values((batch, m, num_codes), g, case["integer_scores"]), case["table_view"])
