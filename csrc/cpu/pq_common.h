@@ -161,8 +161,8 @@ void subitem_scores_into(Simd level, const float* query, int64_t batch, const fl
                          int64_t dsub, float* S);
 
 // out[i] = sum_j q[j] table[j * n + i] for i < n, summed in any order (the decoded path's approximate
-// scores, whose error its margin bounds): for a few queries it beats the BLAS call (2.5x at d = 64,
-// N = 3,417), which pays its dispatch and threading for a product of microseconds.
+// scores, whose error its margin bounds): for a few queries it beats the BLAS call, which pays its
+// dispatch and threading for a product of microseconds. AVX-512 only (null elsewhere: BLAS then).
 using GemvFn = void (*)(const float* q, int64_t d, const float* table, int64_t n, float* out);
 GemvFn gemv_fn(Simd level);
 

@@ -392,39 +392,7 @@ __attribute__((target("avx512f"))) void gemv_avx512(const float* q, int64_t d, c
   }
 }
 
-__attribute__((target("avx2,fma"))) void gemv_avx2(const float* q, int64_t d, const float* table, int64_t n,
-                                                   float* out) {
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    for (int64_t j = 0; j < d; ++j) {
-      const __m256 qj = _mm256_set1_ps(q[j]);
-      const float* row = table + j * n + i;
-      a0 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(row), a0);
-      a1 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(row + 8), a1);
-      a2 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(row + 16), a2);
-      a3 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(row + 24), a3);
-    }
-    _mm256_storeu_ps(out + i, a0);
-    _mm256_storeu_ps(out + i + 8, a1);
-    _mm256_storeu_ps(out + i + 16, a2);
-    _mm256_storeu_ps(out + i + 24, a3);
-  }
-  for (; i < n; ++i) {
-    float acc = 0.0f;
-    for (int64_t j = 0; j < d; ++j) acc += q[j] * table[j * n + i];
-    out[i] = acc;
-  }
-}
-
 #endif  // RECJPQ_X86
-
-void gemv_scalar(const float* q, int64_t d, const float* table, int64_t n, float* out) {
-  std::fill(out, out + n, 0.0f);
-  for (int64_t j = 0; j < d; ++j) {
-    for (int64_t i = 0; i < n; ++i) out[i] += q[j] * table[j * n + i];
-  }
-}
 
 void subitem_scores_transposed_scalar(const float* query, int64_t batch, const float* centroids_t, int64_t M,
                                       int64_t K, int64_t dsub, float* S) {
@@ -448,13 +416,11 @@ uint64_t above_scalar(const float* x, float threshold) {
 }  // namespace
 
 GemvFn gemv_fn(Simd level) {
-  switch (level) {
 #ifdef RECJPQ_X86
-    case Simd::kAvx512: return &gemv_avx512;
-    case Simd::kAvx2: return __builtin_cpu_supports("fma") ? &gemv_avx2 : &gemv_scalar;
+  if (level == Simd::kAvx512) return &gemv_avx512;
 #endif
-    default: return &gemv_scalar;
-  }
+  (void)level;
+  return nullptr;
 }
 
 SubitemScoresFn subitem_scores_transposed_fn(Simd level) {

@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> pq_topk_decoded(const at::Tensor& query, cons
       if (!bounded) check_finite(S);
     }
     at::Tensor approx = workspace(2, {rows, n});
-    if (rows <= kGemvRows) {
+    if (gemv && rows <= kGemvRows) {
       for (int64_t r = 0; r < rows; ++r)
         gemv(q_rows.data_ptr<float>() + r * d, d, table.data_ptr<float>(), n, approx.data_ptr<float>() + r * n);
     } else {
