@@ -176,9 +176,11 @@ at::Tensor pq_scores(const at::Tensor& S, const at::Tensor& blocked, int64_t n, 
   return out;
 }
 
-// One query's S quantised to bytes on a common step (q = floor((S - min_m) / step)), with what it
-// takes to turn a float threshold into a 16-bit one that every item able to reach it passes:
-// score <= sum_m (min_m + (q_m + 1) * step) + float rounding < base + (Q + 2M) * step + slack.
+// One query's S quantised to bytes on a common step (q >= floor((S - min_m) / step)), with what it
+// takes to turn a float threshold into a 16-bit one that every item able to reach it passes: in
+// exact arithmetic sum_m S_m < sum_m (min_m + (q_m + 1) * step) = base + (Q + M) * step, and the
+// item's float sum differs from that by less than slack. (Q + 2M) here until 2026-11-26: at
+// M = 32 that let through 1.7x as many items to rescore (k = 100, N = 3,417, random S).
 class ByteTable {
  public:
   ByteTable(const float* S, int64_t M, int64_t K, ByteTableFns simd) : bytes_(M * 256, 0), M_(M) {
@@ -222,7 +224,7 @@ class ByteTable {
 
   uint16_t threshold(float score) const {
     if (!(score > -std::numeric_limits<float>::infinity())) return 0;
-    const double q = (score - slack_ - base_) / step_ - 2.0 * M_;
+    const double q = (score - slack_ - base_) / step_ - static_cast<double>(M_);
     return q <= 0.0 ? 0 : q >= 65535.0 ? 65535 : static_cast<uint16_t>(std::floor(q));
   }
 
