@@ -12,6 +12,9 @@ write leaves the snapshot stale until the version moves (``torch.autograd.graph.
 """
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -56,8 +59,23 @@ def _key(codes: torch.Tensor):
     return (codes.data_ptr(), tuple(codes.shape), tuple(codes.stride()), codes.dtype, codes.device, codes._version)
 
 
+# this thread's last answer, checked first: a model's top-k calls pass the same codes tensor every
+# time, and the full key below costs more than half of what it saves (2.1 us of a 13 us B = 1 scan)
+_last = threading.local()
+
+
 def codes_info(codes: torch.Tensor) -> CodesInfo:
     """The cached facts for ``codes``, recomputed if the tensor changed since."""
+    last = getattr(_last, "hit", None)
+    if (last is not None and last[0]() is codes and last[1] == codes._version and last[2] == codes.data_ptr()
+            and last[3] == codes.shape and last[4] == codes.stride()):
+        return last[5]
+    info = _lookup(codes)
+    _last.hit = (weakref.ref(codes), codes._version, codes.data_ptr(), codes.shape, codes.stride(), info)
+    return info
+
+
+def _lookup(codes: torch.Tensor) -> CodesInfo:
     owner = codes if codes._base is None else codes._base
     entries = _CACHE.get(owner, {})
     key = _key(codes)

@@ -148,6 +148,35 @@ def test_table_is_cached_per_codes_and_centroids():
     assert other.table.shape[1] == 99
 
 
+def test_clearing_the_tables_reaches_every_threads_last_answer():
+    """Each thread checks its last (codes, centroids) first; clear_decoded_tables() from another
+    thread (after a hidden .data write, say) must still make it rebuild."""
+    import threading
+
+    _, centroids, codes = catalogue(100, 2, 4)
+    table = _decoded.decoded_table(codes, centroids)
+    assert _decoded.decoded_table(codes, centroids) is table  # this thread's last answer
+    worker = threading.Thread(target=_decoded.clear_decoded_tables)
+    worker.start()
+    worker.join()
+    assert _decoded.decoded_table(codes, centroids) is not table
+
+
+def test_codes_snapshot_follows_a_swapped_storage():
+    """The snapshot's fast path (same tensor object as last time) still notices new storage behind
+    the same object (``.data`` assignment keeps the version counter)."""
+    from recjpq._codes_cache import codes_info
+
+    codes = torch.zeros(70, 3, dtype=torch.int16)
+    first = codes_info(codes)
+    assert codes_info(codes) is first
+    codes.data = torch.full((70, 3), 5, dtype=torch.int16)
+    second = codes_info(codes)
+    assert second is not first and second.max_code == 5
+    codes.data = codes.data[:, :2]  # same storage start, another shape
+    assert codes_info(codes).blocked.shape[1] == 2
+
+
 def test_in_place_edits_invalidate_the_table():
     query, centroids, codes = catalogue(300, 4, 4, batch=3)
     assert_matches_reference(query, centroids, codes, 5, algorithm="matmul")

@@ -76,14 +76,6 @@ def prune_index(info: CodesInfo, num_codes: int) -> tuple[torch.Tensor, torch.Te
     return info.prepared[key]
 
 
-def codes_in_range(codes, centroids) -> bool:
-    """Whether the snapshot of ``codes`` (non-empty) lies in ``[0, K)`` of ``centroids``."""
-    if _IMPORT_ERROR is not None or codes.shape[0] == 0 or codes.shape[1] == 0:
-        return False
-    info = codes_info(codes)
-    return 0 <= info.min_code and info.max_code < centroids.shape[1]
-
-
 def topk_query_small(query, centroids, codes, k, exclude, kernel_rows, decoded=None):
     """``pq_topk_query``'s result in one C++ call (table + scan, csrc/cpu/pq_topk_query.cpp) for
     arguments that ``recjpq.ops`` has screened (a few CPU queries, no autograd), or None where the
@@ -94,9 +86,11 @@ def topk_query_small(query, centroids, codes, k, exclude, kernel_rows, decoded=N
     if decoded is not None:  # its snapshot was range-checked for these centroids
         return recjpq._C.pq_topk_query_small(query, centroids, decoded.blocked, decoded.n, k, exclude, simd_level(),
                                              kernel_rows, decoded.table, decoded.abs_max, decoded.centroids_t)
-    if not codes_in_range(codes, centroids):
+    if _IMPORT_ERROR is not None or codes.shape[0] == 0 or codes.shape[1] == 0:
         return None
     info = codes_info(codes)
+    if info.min_code < 0 or info.max_code >= centroids.shape[1]:
+        return None
     return recjpq._C.pq_topk_query_small(query, centroids, info.blocked, info.n, k, exclude, simd_level(),
                                          kernel_rows)
 

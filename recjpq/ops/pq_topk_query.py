@@ -53,8 +53,8 @@ def _small_cpu_call(query, centroids, codes, k, exclude, algorithm):
     if not (isinstance(query, torch.Tensor) and isinstance(centroids, torch.Tensor) and isinstance(codes, torch.Tensor)
             and (exclude is None or isinstance(exclude, torch.Tensor)) and type(k) is int):
         return None
-    if (query.device.type != "cpu" or query.dim() != 2 or query.shape[0] > ONE_CALL_MAX_ROWS or centroids.dim() != 3
-            or codes.dim() != 2 or codes.device.type != "cpu" or codes.dtype not in CODE_DTYPES
+    if (not query.is_cpu or query.dim() != 2 or query.shape[0] > ONE_CALL_MAX_ROWS or centroids.dim() != 3
+            or codes.dim() != 2 or not codes.is_cpu or codes.dtype not in CODE_DTYPES
             or (codes.dtype == torch.uint8 and centroids.shape[1] > 256)):
         return None
     if wants_grad(query, centroids) or torch.compiler.is_compiling():
