@@ -12,7 +12,11 @@
 #   bash bench/gpu.sh cf DATA_DIR [SECONDS] # LightGCN on a LightGCN split (docs/baco.md): full, baco,
 #                                          # hash and low rank at 25% side by side for SECONDS (default
 #                                          # 420) of training each; run again on the warm machine to go on
-#                                          # (--resume); meanwhile setup and the CUDA/Triton test files
+#                                          # (--resume); meanwhile setup and the CUDA/Triton test files.
+#                                          # CF_EMBEDDINGS picks the runs; CKPT_PARTS=1 copies each run's
+#                                          # checkpoint and ids to $OUT as a tar in 15 MiB parts, which
+#                                          # resume the run on a later machine once put back in its
+#                                          # folder as run.tar.part.*
 #   bash bench/gpu.sh budgets              # prints every stage's worst case and their sum
 # DRY_RUN=1 prints each step and its time limit instead of running it (works without a GPU).
 # Worst cases: setup is at most SETUP_S (240 s: pip installs and the CUDA extension build, each
@@ -166,9 +170,15 @@ run_cf() {
   local data=${1:?usage: bash bench/gpu.sh cf DATA_DIR [SECONDS]} seconds=${2:-420}
   [ "$DRY_RUN" = 1 ] || mkdir -p "$OUT"
   local runs=${RUNS_DIR:-.gpu_data/runs} deadline=$((SECONDS + seconds * 5 / 4 + 30)) e pids=()
-  for e in full baco hash lowrank; do
+  local embeddings=${CF_EMBEDDINGS:-full baco hash lowrank}
+  for e in $embeddings; do
     local out=$runs/lightgcn-$e done_s=0
-    [ -f "$out/checkpoint.pt" ] && done_s=$("$PY" -c "import json,sys; print(int(json.load(open(sys.argv[1]))['last']['train_seconds']))"       "$out/metrics.json" 2>/dev/null || echo 0)
+    # a run that came back from an earlier machine in parts (CKPT_PARTS=1)
+    if [ ! -f "$out/checkpoint.pt" ] && compgen -G "$out/run.tar.part.*" > /dev/null; then
+      cat "$out"/run.tar.part.* | tar -xf - -C "$out" || status=1
+    fi
+    [ -f "$out/checkpoint.pt" ] && done_s=$("$PY" -c "import sys, torch; print(int(torch.load(sys.argv[1], \
+      map_location='cpu', weights_only=False)['train_seconds']))" "$out/checkpoint.pt" 2>/dev/null || echo 0)
     echo "== lightgcn-$e: $done_s s trained before, $seconds s more"
     if [ "$DRY_RUN" = 1 ]; then continue; fi
     mkdir -p "$out"
@@ -188,8 +198,12 @@ run_cf() {
   fi
   [ "$DRY_RUN" = 1 ] && return
   for e in "${!pids[@]}"; do wait "${pids[$e]}" || status=1; done
-  for e in full baco hash lowrank; do
+  for e in $embeddings; do
     cp "$runs/lightgcn-$e/metrics.json" "$OUT/cf_lightgcn_$e.json" 2>/dev/null || status=1
+    if [ "${CKPT_PARTS:-0}" = 1 ]; then  # $OUT takes files of up to 16 MiB: the full model's is 54 MB
+      (cd "$runs/lightgcn-$e" && tar -cf - checkpoint.pt $(ls ids.pt 2>/dev/null)) \
+        | split -b 15M - "$OUT/lightgcn-$e.run.tar.part." || status=1
+    fi
     echo "== lightgcn-$e"; grep -v "^$" "$runs/lightgcn-$e/train.log" | tail -6
   done
 }

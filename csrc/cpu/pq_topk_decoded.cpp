@@ -5,9 +5,12 @@
 // in order, the reference's values) by at most margin_b (decoded_margin). With L a lower bound of
 // the k-th best approximate score of the query's allowed items (kth_lower_bound), k of them have
 // x >= L - margin, so the exact k-th best is at least that, and every item reaching it (ties
-// included) has a >= L - 2 margin.
-// Those items are rescored from S and the best k kept with the scan's tie order. Where the margin
-// cannot be trusted (|scores| near float32 overflow) every allowed item is rescored.
+// included) has a >= L - 2 margin. Those items are rescored from S and the best k kept with the
+// scan's tie order. Where the margin cannot be trusted (|scores| near float32 overflow) every
+// allowed item is rescored. With d/M <= 8 an entry of S does not depend on the batch around it
+// (subitem_scores_fn), so S is computed here, a chunk of queries at a time, from the centroids
+// transposed to [M, d/M, K]; otherwise the caller passes subitem_scores's table. The codes are the
+// caller's range-checked snapshot (blocked), as for pq_topk.
 #include "pq_common.h"
 
 #include "work_sharing.h"
@@ -18,7 +21,6 @@ namespace {
 constexpr int64_t kGemvRows = 4;  // queries per chunk up to which the GEMM is gemv_fn's, row by row
 constexpr double kUnit = 1.0 / (1 << 23);  // float32 error per operation, twice round-to-nearest's
 constexpr double kSafeBound = 1267650600228229401496703205376.0;  // 2^100: no float32 partial sum overflows below it
-
 
 // A lower bound of the k-th best of row[0, n): the k-th best of the maxima of `width` >= k strided
 // columns (column j holds items j, j + width, ...), k distinct items reaching it. With width = 4k

@@ -18,9 +18,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 class DecodedTable:
     """The decoded items transposed, ``[d, N]`` float32 (``torch.mm(q, table)`` reads it
     row-major, measured faster than ``q @ items.T``), per-dimension ``max |centroid|`` for the
-    margin, the centroids as ``[M, d/M, K]`` (the C++ sub-item table reads them so), and the codes snapshot it was decoded from: the cpu backend's blocked copy, range-checked
-    on that copy, which the rescoring reads (so a caller's write to ``codes`` during the call cannot
-    send it to another split's or query's scores), and the same rows as int64 for autograd."""
+    margin, the centroids as ``[M, d/M, K]`` (the C++ sub-item table reads them so), and the codes
+    snapshot it was decoded from: the cpu backend's blocked copy, range-checked on that copy, which
+    the rescoring reads (so a caller's write to ``codes`` during the call cannot send it to another
+    split's or query's scores), and the same rows as int64 for autograd."""
 
     def __init__(self, codes: torch.Tensor, centroids: torch.Tensor):
         from recjpq.backends import cpu
@@ -77,6 +78,7 @@ _TABLES = WeakIdKeyDictionary()
 
 
 def _same(ref, key, t: torch.Tensor) -> bool:
+    """Whether ``t`` is the tensor behind ``ref`` and still has ``key``."""
     return ref() is t and key == _key(t)
 
 
