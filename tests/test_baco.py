@@ -378,6 +378,27 @@ def test_cluster_embedding_sums_shared_rows():
     assert "rows" in emb.state_dict()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cluster_embedding_all_rows_matches_forward_and_its_gradient(dtype):
+    """all_rows (a sparse product) against forward over every id, values and weight gradients; an
+    entity that uses one row twice counts it twice; new ids from load_state_dict are followed."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 5, (40, 3), generator=g)
+    ids[0] = torch.tensor([2, 2, 2])
+    emb = ClusterEmbedding(ids, 6, num_rows=[5, 5, 5]).to(dtype)
+    coef = torch.randn(40, 6, generator=g, dtype=dtype)
+    got = emb.all_rows()
+    (got * coef).sum().backward()
+    grad, emb.weight.grad = emb.weight.grad, None
+    want = emb(torch.arange(40))
+    (want * coef).sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, emb.weight.grad)
+    other = ClusterEmbedding(ids.flip(0), 6, num_rows=[5, 5, 5]).to(dtype)
+    emb.load_state_dict(other.state_dict())  # copies the ids into the same buffer
+    torch.testing.assert_close(emb.all_rows(), other.all_rows())
+
+
 def test_cluster_embedding_single_column_is_a_lookup():
     emb = ClusterEmbedding(torch.tensor([1, 1, 0], dtype=torch.int32), 3)
     assert emb.weight.shape == (2, 3)

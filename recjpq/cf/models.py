@@ -39,7 +39,11 @@ class _SymmetricSpMM(torch.autograd.Function):
 
 
 def _all_rows(table: nn.Module) -> torch.Tensor:
-    """Every entity's embedding, on the table's device."""
+    """Every entity's embedding, on the table's device: a table's own ``all_rows`` where it has one
+    (``ClusterEmbedding``: a sparse product instead of a gather of every entity's rows), else the
+    rows of every id."""
+    if hasattr(table, "all_rows"):
+        return table.all_rows()
     return table(torch.arange(table.num_embeddings, device=table.weight.device))
 
 

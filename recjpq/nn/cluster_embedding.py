@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -49,6 +50,7 @@ class ClusterEmbedding(nn.Module):
         self.num_rows = tuple(num_rows)
         self.register_buffer("rows", (ids + offsets.to(ids.device)).contiguous())
         self.weight = nn.Parameter(torch.empty(sum(num_rows), dim))
+        self._incidence = None  # (key, A, A^T) of all_rows, built on first use
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -58,8 +60,44 @@ class ClusterEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, num_rows={self.num_rows}"
 
+    def all_rows(self) -> torch.Tensor:
+        """Every entity's embedding, ``[num_embeddings, dim]`` (what LightGCN propagates at each
+        step): one sparse product of the fixed entity-by-row incidence matrix with the weight, and
+        of its transpose with the gradient, instead of ``forward``'s ``[n, J, dim]`` gather and its
+        scatter-add (Gowalla's 70,839 users and items at J = 4, d = 64, one CPU thread: 41 ms
+        against 100 ms forward and backward)."""
+        key = (self.rows._version, self.rows.device, self.weight.device, self.weight.dtype)
+        if self._incidence is None or self._incidence[0] != key:  # new ids (load_state_dict), device or dtype
+            self._incidence = (key, *_incidence_matrices(self.rows, self.weight.shape[0], self.weight.dtype))
+        return _SharedRows.apply(self.weight, *self._incidence[1:])
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_tensor("ids", ids, dtypes=_ID_DTYPES)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
             raise ValueError(f"ids must lie in [0, {self.num_embeddings}), got [{int(ids.min())}, {int(ids.max())}]")
         return self.weight[self.rows[ids.long()]].sum(-2)
+
+
+def _incidence_matrices(rows: torch.Tensor, num_rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR ``A [n, num_rows]`` with ``A[e, r]`` = how often entity e uses row r, and ``A^T``."""
+    n, j = rows.shape
+    entities = torch.arange(n, device=rows.device).repeat_interleave(j)
+    values = torch.ones(n * j, device=rows.device, dtype=dtype)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is what we need
+        warnings.simplefilter("ignore", UserWarning)
+        a = torch.sparse_coo_tensor(torch.stack([entities, rows.reshape(-1)]), values, (n, num_rows)).coalesce()
+        at = torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), entities]), values, (num_rows, n)).coalesce()
+        return a.to_sparse_csr(), at.to_sparse_csr()
+
+
+class _SharedRows(torch.autograd.Function):
+    """``A @ weight`` with the gradient ``A^T @ grad`` (both precomputed CSR)."""
+
+    @staticmethod
+    def forward(ctx, weight, a, at):
+        ctx.at = at
+        return torch.sparse.mm(a, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.sparse.mm(ctx.at, grad.contiguous()), None, None
