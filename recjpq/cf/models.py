@@ -2,11 +2,11 @@
 (``nn.Embedding``, ``recjpq.nn.ClusterEmbedding``)."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 from torch import nn
+
+from recjpq._sparse import csr_matrix, sparse_product
 
 
 def normalized_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> torch.Tensor:
@@ -19,23 +19,7 @@ def normalized_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, n
     degree = torch.bincount(rows, minlength=n).double()
     inv = degree.clamp_min(1.0).rsqrt()
     values = (inv[rows] * inv[cols]).float()
-    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), check_invariants=False).coalesce()
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is what we need here
-        warnings.simplefilter("ignore", UserWarning)
-        return coo.to_sparse_csr()
-
-
-class _SymmetricSpMM(torch.autograd.Function):
-    """``adj @ x`` for a symmetric sparse ``adj``: the backward is the same product, with no transpose."""
-
-    @staticmethod
-    def forward(ctx, adj, x):
-        ctx.adj = adj
-        return torch.sparse.mm(adj, x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, torch.sparse.mm(ctx.adj, grad.contiguous())
+    return csr_matrix(rows, cols, values, (n, n))
 
 
 def _all_rows(table: nn.Module) -> torch.Tensor:
@@ -85,7 +69,7 @@ class LightGCN(nn.Module):
     def _propagate(self, ego: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         total, x = ego, ego
         for _ in range(self.layers):
-            x = _SymmetricSpMM.apply(self.adjacency, x)
+            x = sparse_product(self.adjacency, x, self.adjacency)  # symmetric: its own transpose
             total = total + x
         out = total / (self.layers + 1)
         return out[:self.users.num_embeddings], out[self.users.num_embeddings:]

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from recjpq._sparse import csr_matrix, sparse_product
 from recjpq._validate import check_tensor
 
 _ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -69,7 +69,8 @@ class ClusterEmbedding(nn.Module):
         key = (self.rows._version, self.rows.device, self.weight.device, self.weight.dtype)
         if self._incidence is None or self._incidence[0] != key:  # new ids (load_state_dict), device or dtype
             self._incidence = (key, *_incidence_matrices(self.rows, self.weight.shape[0], self.weight.dtype))
-        return _SharedRows.apply(self.weight, *self._incidence[1:])
+        _, a, a_t = self._incidence
+        return sparse_product(a, self.weight, a_t)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_tensor("ids", ids, dtypes=_ID_DTYPES)
@@ -83,21 +84,5 @@ def _incidence_matrices(rows: torch.Tensor, num_rows: int, dtype: torch.dtype) -
     n, j = rows.shape
     entities = torch.arange(n, device=rows.device).repeat_interleave(j)
     values = torch.ones(n * j, device=rows.device, dtype=dtype)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is what we need
-        warnings.simplefilter("ignore", UserWarning)
-        a = torch.sparse_coo_tensor(torch.stack([entities, rows.reshape(-1)]), values, (n, num_rows)).coalesce()
-        at = torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), entities]), values, (num_rows, n)).coalesce()
-        return a.to_sparse_csr(), at.to_sparse_csr()
-
-
-class _SharedRows(torch.autograd.Function):
-    """``A @ weight`` with the gradient ``A^T @ grad`` (both precomputed CSR)."""
-
-    @staticmethod
-    def forward(ctx, weight, a, at):
-        ctx.at = at
-        return torch.sparse.mm(a, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.sparse.mm(ctx.at, grad.contiguous()), None, None
+    used = rows.reshape(-1)
+    return csr_matrix(entities, used, values, (n, num_rows)), csr_matrix(used, entities, values, (num_rows, n))
