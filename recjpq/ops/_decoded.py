@@ -14,6 +14,8 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from recjpq._codes_cache import same_tensor, tensor_key
+
 
 class DecodedTable:
     """The decoded items transposed, ``[d, N]`` float32 (``torch.mm(q, table)`` reads it
@@ -68,18 +70,9 @@ def prefers_matmul(batch: int, n: int, d: int, m: int, k: int) -> bool:
     return k > 16 and (batch >= 512 or (batch >= 64 and n * d <= 500_000))
 
 
-def _key(t: torch.Tensor):
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t._version)
-
-
 # codes owner tensor -> (codes key, centroids ref, centroids key, DecodedTable): one table per codes
 # tensor (training replaces the centroids at every step; the stale table is dropped, not kept).
 _TABLES = WeakIdKeyDictionary()
-
-
-def _same(ref, key, t: torch.Tensor) -> bool:
-    """Whether ``t`` is the tensor behind ``ref`` and still has ``key``."""
-    return ref() is t and key == _key(t)
 
 
 # this thread's last answer, checked first (the same tensors call after call; the owner lookup
@@ -93,18 +86,18 @@ def decoded_table(codes: torch.Tensor, centroids: torch.Tensor) -> DecodedTable:
     tensor, an in-place edit or an optimizer step (the version counter), another view. Edits made
     through ``.data`` bypass the version counter; call ``clear_decoded_tables()`` after them."""
     last = getattr(_last, "hit", None)
-    if (last is not None and last[5] == _cleared and _same(last[0], last[1], codes)
-            and _same(last[2], last[3], centroids)):
+    if (last is not None and last[5] == _cleared and same_tensor(last[0], last[1], codes)
+            and same_tensor(last[2], last[3], centroids)):
         return last[4]
     table = _lookup(codes, centroids)
-    _last.hit = (weakref.ref(codes), _key(codes), weakref.ref(centroids), _key(centroids), table, _cleared)
+    _last.hit = (weakref.ref(codes), tensor_key(codes), weakref.ref(centroids), tensor_key(centroids), table, _cleared)
     return table
 
 
 def _lookup(codes: torch.Tensor, centroids: torch.Tensor) -> DecodedTable:
     owner = codes if codes._base is None else codes._base
     entry = _TABLES.get(owner)
-    codes_key, centroids_key = _key(codes), _key(centroids)
+    codes_key, centroids_key = tensor_key(codes), tensor_key(centroids)
     if entry is not None and entry[0] == codes_key and entry[1]() is centroids and entry[2] == centroids_key:
         return entry[3]
     table = DecodedTable(codes, centroids)
