@@ -24,10 +24,13 @@ def normalized_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, n
 
 def _all_rows(table: nn.Module) -> torch.Tensor:
     """Every entity's embedding, on the table's device: a table's own ``all_rows`` where it has one
-    (``ClusterEmbedding``: a sparse product instead of a gather of every entity's rows), else the
-    rows of every id."""
+    (``ClusterEmbedding``: a sparse product instead of a gather of every entity's rows), a plain
+    ``nn.Embedding``'s weight itself (its gradient lands there directly, no gather or sort-based
+    scatter per step), else the rows of every id."""
     if hasattr(table, "all_rows"):
         return table.all_rows()
+    if type(table) is nn.Embedding and table.max_norm is None:
+        return table.weight
     return table(torch.arange(table.num_embeddings, device=table.weight.device))
 
 

@@ -123,7 +123,8 @@ def _negatives(train_keys: torch.Tensor, users: torch.Tensor, num_items: int, ge
     """One uniform item per user that is not among the user's training items (the LightGCN / NGCF
     samplers'), by rejection: a drawn training item is redrawn. ``train_keys``: sorted
     ``user * num_items + item`` of the training pairs. Redraws run ``rounds`` at a time between
-    checks, so a GPU waits for the host once per batch, not once per round."""
+    checks; ``fit`` draws a whole epoch's at once, so a GPU waits for the host once per epoch, and
+    the host queues the steps' kernels ahead of the device."""
     def draw():
         return torch.randint(0, num_items, users.shape, generator=generator, device=users.device)
 
@@ -207,10 +208,10 @@ def fit(config: CFConfig, data: CFData, out: str | None = None, *, progress: boo
     for epoch in range(start_epoch + 1, config.epochs + 1):
         loss_sum, batches_run = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         epoch_users, epoch_items = _epoch_pairs(users, items, data.num_users, config.sampler, g)
-        batches = zip(epoch_users.split(config.batch_size), epoch_items.split(config.batch_size))
-        for u, pos in tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False,
+        epoch_negatives = _negatives(train_keys, epoch_users, data.num_items, g)
+        batches = zip(*(t.split(config.batch_size) for t in (epoch_users, epoch_items, epoch_negatives)))
+        for u, pos, neg in tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False,
                            total=-(-users.numel() // config.batch_size)):
-            neg = _negatives(train_keys, u, data.num_items, g)
             eu, ei, eu0, ei0 = model(u, torch.cat([pos, neg]))
             ep, en = ei.chunk(2)
             loss = -nn.functional.logsigmoid((eu * (ep - en)).sum(1)).mean()
