@@ -151,9 +151,13 @@ def _add_train_cf_parser(sub) -> None:
     cf.add_argument("--data", required=True, help="folder with train.txt and test.txt ('user item item ...', 0-based)")
     cf.add_argument("--model", default=d.model, choices=MODELS)
     cf.add_argument("--embedding", default=d.embedding, choices=EMBEDDINGS,
-                    help="full tables, BACO-shared rows, hashed rows, or low-rank (smaller dim) at --budget")
+                    help="full tables, BACO-shared rows, hashed rows, low-rank (smaller dim) at --budget, "
+                         "or recjpq: product-quantised items (--codes, --splits, --num-codes)")
     cf.add_argument("--budget", type=float, default=d.budget, help="embedding params / those of the full model")
     cf.add_argument("--tables", type=_positive_int, default=d.tables, help="baco/hash: ids (tables) per entity")
+    cf.add_argument("--codes", default=d.codes, help="recjpq: item code strategy, any of recjpq.codes.STRATEGIES")
+    cf.add_argument("--splits", type=_positive_int, default=d.splits, help="recjpq: sub-ids per item (M)")
+    cf.add_argument("--num-codes", type=_positive_int, default=d.num_codes, help="recjpq: sub-ids per split (K)")
     cf.add_argument("--dim", type=_positive_int, default=d.dim)
     cf.add_argument("--layers", type=int, default=d.layers, help="LightGCN propagation layers")
     cf.add_argument("--epochs", type=_positive_int, default=d.epochs)
@@ -177,7 +181,8 @@ def _train_cf(args) -> None:
     config = CFConfig(model=args.model, embedding=args.embedding, budget=args.budget, tables=args.tables,
                       dim=args.dim, layers=args.layers, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       l2=args.l2, eval_every=args.eval_every, time_limit=args.time_limit, seed=args.seed,
-                      sampler=args.sampler, device=args.device)
+                      sampler=args.sampler, device=args.device, codes=args.codes, splits=args.splits,
+                      num_codes=args.num_codes)
     data = load_cf(args.data)
     print(f"{args.data}: {data.num_users} users, {data.num_items} items, {data.train_users.size} train pairs, "
           f"{data.test.nnz} test pairs", file=sys.stderr)

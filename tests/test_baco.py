@@ -142,6 +142,14 @@ def test_item_spectrum_same_for_any_thread_count():
     assert torch.equal(spectra[0], spectra[1])
 
 
+def test_spectral_strategy_is_the_unrefined_baco_start():
+    log = random_log(num_users=200, num_items=500, nnz=5000)
+    spectral = assign_codes(log, 500, 4, 16, strategy="spectral", seed=2)
+    start = baco.item_codes(log, 500, 4, 16, seed=2, refined_splits=0)
+    assert spectral.dtype == torch.uint8 and torch.equal(spectral, start.to(torch.uint8))
+    assert not torch.equal(spectral, assign_codes(log, 500, 4, 16, strategy="baco", seed=2))
+
+
 def test_baco_codes_large_code_books_use_wider_dtype():
     log = random_log(num_items=400, nnz=2000)
     codes = assign_codes(log, 400, 2, 300, strategy="baco")

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from recjpq.cf import CFConfig, LightGCN, MF, build_tables, fit, full_ranking, load_cf, normalized_adjacency
-from recjpq.nn import ClusterEmbedding
+from recjpq.nn import ClusterEmbedding, PQEmbedding
 
 
 def write_split(tmp_path, users=60, items=48, groups=4, per_user=8, test_per_user=2, seed=0):
@@ -168,6 +168,33 @@ def test_fit_resumes_from_checkpoint_and_stops_at_time_limit(tmp_path):
     assert limited["history"][0]["steps"] == 1  # the limit also ends an epoch early
 
 
+def test_fit_resumes_a_checkpoint_written_before_newer_config_fields(tmp_path):
+    data = load_cf(str(write_split(tmp_path)))
+    out = tmp_path / "out"
+    fit(CFConfig(dim=8, epochs=1, batch_size=64, eval_every=1), data, str(out), progress=False, log=None)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    for name in ("codes", "splits", "num_codes"):  # absent from the checkpoints of earlier versions
+        del state["config"][name]
+    torch.save(state, out / "checkpoint.pt")
+    resumed = fit(CFConfig(dim=8, epochs=2, batch_size=64, eval_every=1), data, str(out), progress=False,
+                  resume=True, log=None)
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2]
+
+
+@pytest.mark.parametrize("model", ["mf", "lightgcn"])
+def test_recjpq_items_learn_planted_groups(tmp_path, model):
+    data = load_cf(str(write_split(tmp_path)))
+    config = CFConfig(model=model, embedding="recjpq", codes="svd", splits=4, num_codes=4, dim=16, epochs=8,
+                      batch_size=64, lr=0.02, eval_every=8, layers=2)
+    users, items = build_tables(config, data)
+    assert isinstance(items, PQEmbedding) and items.codes.shape == (48, 4) and int(items.codes.max()) < 4
+    summary = fit(config, data, str(tmp_path / "out"), progress=False, log=None)
+    assert summary["best"]["recall@20"] > 0.8  # random: about 0.56 (above)
+    assert summary["embedding_params"] == 60 * 16 + 4 * 4 * 4
+    with pytest.raises(ValueError, match="codes must be one of"):
+        fit(CFConfig(embedding="recjpq", codes="kmeans"), data, progress=False, log=None)
+
+
 @pytest.mark.parametrize("kwargs,match", [({"model": "gru"}, "model"), ({"embedding": "pq"}, "embedding"),
                                           ({"budget": 0.0}, "budget"), ({"epochs": 0}, "epochs"),
                                           ({"lr": -1.0}, "lr"), ({"sampler": "batch"}, "sampler")])
@@ -186,6 +213,11 @@ def test_cli_train_cf(tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["epochs_run"] == 2 and line["params_vs_full"] <= 0.25
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["embedding"] == "hash"
+    main(["train-cf", "--data", str(data), "--embedding", "recjpq", "--codes", "spectral", "--splits", "2",
+          "--num-codes", "4", "--dim", "8", "--epochs", "1", "--batch-size", "64", "--out", str(tmp_path / "pq"),
+          "--no-progress"])
+    config = json.loads((tmp_path / "pq" / "metrics.json").read_text())["config"]
+    assert (config["embedding"], config["codes"], config["splits"], config["num_codes"]) == ("recjpq", "spectral", 2, 4)
     with pytest.raises(SystemExit, match="train.txt"):
         main(["train-cf", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
 

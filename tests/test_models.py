@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from recjpq.codes import assign_codes
 from recjpq.data import EvalSet, pad_left
-from recjpq.evaluation import evaluate
+from recjpq.evaluation import evaluate, target_ranks
 from recjpq.models import EMBEDDINGS, MODELS, build_model, gbce, sampled_bce, softmax_cross_entropy
 
 NUM_ITEMS = 37  # not a multiple of anything; vocab 38 with padding
@@ -162,6 +162,7 @@ def test_evaluate_matches_brute_force_ranks(embedding, seed, exclude_seen, k):
     targets = rng.integers(1, NUM_ITEMS + 1, 7)
     data = EvalSet(histories, targets, np.arange(7))
     got = evaluate(model, data, ks=(k,), exclude_seen=exclude_seen, batch_size=3)
+    ranks = target_ranks(model, data, k, exclude_seen=exclude_seen, batch_size=2)
     with torch.no_grad():
         scores = (model.query(pad_left(histories, 9)) @ model.item_embedding.weight.t()).double()
     scores[:, 0] = float("-inf")
@@ -173,6 +174,7 @@ def test_evaluate_matches_brute_force_ranks(embedding, seed, exclude_seen, k):
         # rank = items strictly better + better-or-equal ties with a lower id (ties go to the lower id)
         rank = int((row > row[t]).sum() + (row[:t] == row[t]).sum())
         inside = bool(torch.isfinite(row[t])) and rank < k
+        assert ranks[b] == (rank if inside else np.inf)
         hits.append(inside)
         ndcg.append(1 / np.log2(rank + 2) if inside else 0.0)
     assert got[f"recall@{k}"] == pytest.approx(np.mean(hits))

@@ -31,7 +31,7 @@ def _all_rows(table: nn.Module) -> torch.Tensor:
         return table.all_rows()
     if type(table) is nn.Embedding and table.max_norm is None:
         return table.weight
-    return table(torch.arange(table.num_embeddings, device=table.weight.device))
+    return table(torch.arange(table.num_embeddings, device=next(table.parameters()).device))
 
 
 class MF(nn.Module):

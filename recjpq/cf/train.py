@@ -1,4 +1,5 @@
-"""BPR training of MF / LightGCN with full, BACO-shared, hashed or low-rank embedding tables: progress
+"""BPR training of MF / LightGCN with full, BACO-shared, hashed, low-rank or RecJPQ (product-quantised
+items) embedding tables: progress
 bar, evaluation every few epochs, time limit, resumable checkpoint and ``metrics.json``."""
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from recjpq.cf.metrics import full_ranking
 from recjpq.cf.models import MF, LightGCN, normalized_adjacency
 
 MODELS = ("mf", "lightgcn")
-EMBEDDINGS = ("full", "baco", "hash", "lowrank")
+EMBEDDINGS = ("full", "baco", "hash", "lowrank", "recjpq")
 SAMPLERS = ("pairs", "users")
 
 
@@ -39,6 +40,9 @@ class CFConfig:
     seed: int = 0
     baco_sweeps: int = 20
     baco_alpha: float = 1.0
+    codes: str = "svd"  # recjpq: the item code strategy (recjpq.codes.STRATEGIES), splits M, sub-ids K
+    splits: int = 8
+    num_codes: int = 256
     device: str = "cpu"  # where training and evaluation run ("cuda" on a GPU); ids are built on the CPU
     sampler: str = "pairs"  # "pairs": each epoch visits every training pair once; "users": the LightGCN
     # reference code's, as many (user, positive) draws per epoch with users drawn uniformly
@@ -48,9 +52,12 @@ class CFConfig:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
+        from recjpq.codes import STRATEGIES
+        if self.codes not in STRATEGIES:
+            raise ValueError(f"codes must be one of {STRATEGIES}, got {self.codes!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        for name in ("dim", "tables", "epochs", "batch_size", "eval_every", "k"):
+        for name in ("dim", "tables", "epochs", "batch_size", "eval_every", "k", "splits", "num_codes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -73,12 +80,19 @@ def build_tables(config: CFConfig, data: CFData, ids_cache: str | None = None) -
     ``budget * dim``. ``baco`` / ``hash``: ``ClusterEmbedding`` with ``tables`` ids per entity and
     ``budget * (users + items) / (2 * tables)`` rows per table, ids from multi-level BACO
     co-clusters of the training graph (users and items share each level's labels) or from random
-    balanced hashing. ``ids_cache``: a file keeping the baco / hash ids of this configuration and
-    data, reused when they match (co-clustering a large graph takes minutes on a CPU)."""
+    balanced hashing. ``recjpq``: private user rows, items as a ``PQEmbedding`` with ``splits``
+    codes of ``num_codes`` sub-ids each from the ``codes`` strategy on the training pairs.
+    ``ids_cache``: a file keeping the baco / hash ids of this configuration and data, reused when
+    they match (co-clustering a large graph takes minutes on a CPU)."""
+    from recjpq.codes import assign_codes
     from recjpq.codes.baco import level_codes
-    from recjpq.nn import ClusterEmbedding
+    from recjpq.nn import ClusterEmbedding, PQEmbedding
 
     nu, ni, d = data.num_users, data.num_items, config.dim
+    if config.embedding == "recjpq":
+        codes = assign_codes((data.train_users, data.train_items), ni, config.splits, config.num_codes,
+                             strategy=config.codes, seed=config.seed)
+        return nn.Embedding(nu, d), PQEmbedding(codes, d, config.num_codes)
     if config.embedding in ("full", "lowrank"):
         width = d if config.embedding == "full" else max(1, int(config.budget * d))
         return nn.Embedding(nu, width), nn.Embedding(ni, width)
@@ -109,9 +123,14 @@ def build_tables(config: CFConfig, data: CFData, ids_cache: str | None = None) -
 
 
 def _build_model(config: CFConfig, data: CFData, tables) -> nn.Module:
+    from recjpq.nn import PQEmbedding
+
     torch.manual_seed(config.seed)
     for table in tables:  # N(0, 0.1^2) per entity (LightGCN's init); a sum of J rows gets 0.1 / sqrt(J) per row
-        nn.init.normal_(table.weight, std=0.1 * len(getattr(table, "num_rows", [0])) ** -0.5)
+        if isinstance(table, PQEmbedding):  # a concatenation of sub-item rows: 0.1 per entry as it is
+            nn.init.normal_(table.subitem_embeddings, std=0.1)
+        else:
+            nn.init.normal_(table.weight, std=0.1 * len(getattr(table, "num_rows", [0])) ** -0.5)
     if config.model == "mf":
         return MF(*tables).to(config.device)
     adj = normalized_adjacency(data.train_users, data.train_items, data.num_users, data.num_items)
@@ -194,7 +213,8 @@ def fit(config: CFConfig, data: CFData, out: str | None = None, *, progress: boo
     if resume and ckpt and os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=False, map_location=device)
         free = ("epochs", "time_limit", "device")  # may change on resume
-        if {k: v for k, v in state["config"].items() if k not in free} != {
+        written = asdict(CFConfig()) | state["config"]  # fields added since the checkpoint: their defaults
+        if {k: v for k, v in written.items() if k not in free} != {
                 k: v for k, v in asdict(config).items() if k not in free}:
             raise ValueError(f"{ckpt} was written with another configuration: {state['config']}")
         model.load_state_dict(state["model"])
