@@ -13,6 +13,8 @@ def target_ranks(model: SequentialRecommender, data: EvalSet, k: int, *, exclude
                  batch_size: int = 256, max_users: int | None = None) -> np.ndarray:
     """Each user's 0-based rank of its target in the model's top ``k`` over all items (``inf``
     outside it), in user order: per-user figures, for paired comparisons of two models."""
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
     k = min(int(k), model.num_items)
     num = len(data) if max_users is None else min(max_users, len(data))
     if num == 0:
