@@ -58,7 +58,7 @@ def cf_cell(data, codes: str, args) -> tuple[np.ndarray, dict]:
                       eval_every=5, seed=args.seed)
     with tempfile.TemporaryDirectory() as out:  # the run's checkpoints
         summary = fit_cf(config, data, out, progress=False, log=print)
-        model = MF(*build_tables(config, data))
+        model = MF(*build_tables(config, data, os.path.join(out, "ids.pt")))  # the codes fit assigned
         model.load_state_dict(torch.load(os.path.join(out, "best.pt"), weights_only=True))
     recall = full_ranking(*model.embeddings(), data.train, data.test, k=20)["per_user_recall"]
     return recall, {"recall@20": round(float(recall.mean()), 5), "ndcg@20": summary["best"]["ndcg@20"],

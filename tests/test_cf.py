@@ -248,6 +248,25 @@ def test_build_tables_reuse_cached_ids_only_for_the_same_configuration(tmp_path,
     assert torch.load(cache, weights_only=True)["key"]["embedding"] == "hash"
 
 
+def test_build_tables_reuse_cached_recjpq_codes_only_for_the_same_codes(tmp_path, monkeypatch):
+    import recjpq.codes as codes_lib
+
+    data = load_cf(str(write_split(tmp_path)))
+    cache = str(tmp_path / "ids.pt")
+    config = CFConfig(embedding="recjpq", codes="baco", splits=2, num_codes=4, dim=8)
+    _, items = build_tables(config, data, cache)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("codes assigned again despite cached ones")
+
+    monkeypatch.setattr(codes_lib, "assign_codes", fail)
+    _, again = build_tables(config, data, cache)
+    assert torch.equal(again.codes, items.codes)
+    for other in ({"codes": "svd"}, {"splits": 4}, {"num_codes": 8}, {"seed": 1}):
+        with pytest.raises(AssertionError, match="assigned again"):
+            build_tables(CFConfig(**{**vars(config), **other}), data, cache)
+
+
 def test_lightgcn_moves_its_adjacency_with_the_tables(tmp_path):
     data = load_cf(str(write_split(tmp_path)))
     config = CFConfig(model="lightgcn", dim=4, layers=2)

@@ -71,8 +71,23 @@ class CFConfig:
             raise ValueError(f"device must name a torch device, got {self.device!r}") from e
 
 
-# the configuration fields that decide a table's shared-row ids (and so the cached ids.pt)
+# the configuration fields that decide a table's ids (and so the cached ids.pt); recjpq's codes also
+# depend on _CODE_FIELDS
 _ID_FIELDS = ("embedding", "budget", "tables", "seed", "baco_sweeps", "baco_alpha")
+_CODE_FIELDS = ("codes", "splits", "num_codes")
+
+
+def _cached_ids(ids_cache: str | None, key: dict, compute):
+    """``(user_ids, item_ids)`` from ``ids_cache`` where it was written for ``key``, else from
+    ``compute()``, then written there."""
+    if ids_cache and os.path.exists(ids_cache):
+        cached = torch.load(ids_cache, weights_only=True)
+        if cached["key"] == key:
+            return cached["user_ids"], cached["item_ids"]
+    user_ids, item_ids = compute()
+    if ids_cache:
+        torch.save({"key": key, "user_ids": user_ids, "item_ids": item_ids}, ids_cache)
+    return user_ids, item_ids
 
 
 def build_tables(config: CFConfig, data: CFData, ids_cache: str | None = None) -> tuple[nn.Module, nn.Module]:
@@ -82,43 +97,42 @@ def build_tables(config: CFConfig, data: CFData, ids_cache: str | None = None) -
     co-clusters of the training graph (users and items share each level's labels) or from random
     balanced hashing. ``recjpq``: private user rows, items as a ``PQEmbedding`` with ``splits``
     codes of ``num_codes`` sub-ids each from the ``codes`` strategy on the training pairs.
-    ``ids_cache``: a file keeping the baco / hash ids of this configuration and data, reused when
-    they match (co-clustering a large graph takes minutes on a CPU)."""
+    ``ids_cache``: a file keeping the baco / hash ids or the recjpq codes of this configuration and
+    data, reused when they match (co-clustering a large graph takes minutes on a CPU)."""
     from recjpq.codes import assign_codes
     from recjpq.codes.baco import level_codes
     from recjpq.nn import ClusterEmbedding, PQEmbedding
 
     nu, ni, d = data.num_users, data.num_items, config.dim
-    if config.embedding == "recjpq":
-        codes = assign_codes((data.train_users, data.train_items), ni, config.splits, config.num_codes,
-                             strategy=config.codes, seed=config.seed)
-        return nn.Embedding(nu, d), PQEmbedding(codes, d, config.num_codes)
     if config.embedding in ("full", "lowrank"):
         width = d if config.embedding == "full" else max(1, int(config.budget * d))
         return nn.Embedding(nu, width), nn.Embedding(ni, width)
+    pairs = hashlib.sha256(data.train_users.tobytes())
+    pairs.update(data.train_items.tobytes())
+    fields = _ID_FIELDS + (_CODE_FIELDS if config.embedding == "recjpq" else ())
+    key = {name: getattr(config, name) for name in fields} | {"users": nu, "items": ni,
+                                                              "train_pairs": pairs.hexdigest()}
+    if config.embedding == "recjpq":
+        _, codes = _cached_ids(ids_cache, key, lambda: (None, assign_codes(
+            (data.train_users, data.train_items), ni, config.splits, config.num_codes, strategy=config.codes,
+            seed=config.seed)))
+        return nn.Embedding(nu, d), PQEmbedding(codes, d, config.num_codes)
     rows = int(config.budget * (nu + ni)) // (2 * config.tables)
     if rows < 1:
         raise ValueError(f"budget {config.budget} leaves no rows for {2 * config.tables} tables")
     sizes = [rows] * config.tables
-    pairs = hashlib.sha256(data.train_users.tobytes())
-    pairs.update(data.train_items.tobytes())
-    key = {name: getattr(config, name) for name in _ID_FIELDS} | {"users": nu, "items": ni,
-                                                                  "train_pairs": pairs.hexdigest()}
-    if ids_cache and os.path.exists(ids_cache):
-        cached = torch.load(ids_cache, weights_only=True)
-        if cached["key"] == key:
-            return (ClusterEmbedding(cached["user_ids"], d, sizes), ClusterEmbedding(cached["item_ids"], d, sizes))
-    if config.embedding == "hash":
-        g = torch.Generator().manual_seed(config.seed)
-        user_ids = torch.stack([torch.randperm(nu, generator=g) % rows for _ in sizes], 1)
-        item_ids = torch.stack([torch.randperm(ni, generator=g) % rows for _ in sizes], 1)
-    else:
+
+    def shared_ids():
+        if config.embedding == "hash":
+            g = torch.Generator().manual_seed(config.seed)
+            return (torch.stack([torch.randperm(nu, generator=g) % rows for _ in sizes], 1),
+                    torch.stack([torch.randperm(ni, generator=g) % rows for _ in sizes], 1))
         codes = level_codes((torch.from_numpy(data.train_users), torch.from_numpy(data.train_items)), sizes,
                             num_users=nu, num_items=ni, alpha=config.baco_alpha, sweeps=config.baco_sweeps,
                             seed=config.seed)
-        user_ids, item_ids = codes.user_codes, codes.item_codes
-    if ids_cache:
-        torch.save({"key": key, "user_ids": user_ids, "item_ids": item_ids}, ids_cache)
+        return codes.user_codes, codes.item_codes
+
+    user_ids, item_ids = _cached_ids(ids_cache, key, shared_ids)
     return ClusterEmbedding(user_ids, d, sizes), ClusterEmbedding(item_ids, d, sizes)
 
 
