@@ -251,6 +251,11 @@ struct TopkScan {
   std::unique_ptr<std::once_flag[]> bytes_built;
   std::vector<AscendingTopK> found;  // [slot, query]
   std::vector<char> warmed;  // [slot, query]: the slot has scanned a chunk for the query
+  struct FilterThreshold {
+    float score;     // a top-k threshold
+    uint16_t bytes;  // and ByteTable::threshold of it
+  };
+  std::vector<FilterThreshold> filter_thresholds;  // [slot, query]: the last one the slot filtered with
   std::vector<float> slot_scores;
   std::vector<uint64_t> slot_masks;
 
@@ -263,6 +268,7 @@ struct TopkScan {
         byte_fns(filter ? byte_table_fns(level) : ByteTableFns{nullptr, nullptr}),
         found((grid.threads + 1) * batch, AscendingTopK(k_)),
         warmed((grid.threads + 1) * batch, 0),
+        filter_thresholds((grid.threads + 1) * batch, FilterThreshold{std::numeric_limits<float>::quiet_NaN(), 0}),
         slot_scores((grid.threads + 1) * kChunkBlocks * kBlock),
         slot_masks((grid.threads + 1) * kChunkBlocks) {
     if (filter) {
@@ -272,9 +278,11 @@ struct TopkScan {
   }
 
   void unit(int64_t u, int slot) {
-    const int64_t c = (u % grid.chunks) * kChunkBlocks, group = u / grid.chunks;
+    // one query group (every call with at least `threads` chunks): no divisions per unit
+    const bool one_group = grid.groups == 1;
+    const int64_t c = (one_group ? u : u % grid.chunks) * kChunkBlocks, group = one_group ? 0 : u / grid.chunks;
     const int64_t nb = std::min(grid.num_blocks, c + kChunkBlocks) - c;
-    const int64_t q0 = batch * group / grid.groups, q1 = batch * (group + 1) / grid.groups;
+    const int64_t q0 = one_group ? 0 : batch * group / grid.groups, q1 = one_group ? batch : batch * (group + 1) / grid.groups;
     for (int64_t q = q0; q < q1; ++q) {
       AscendingTopK& best = found[slot * batch + q];
       // while the threshold is -inf every item passes: one block at a time until it is finite
@@ -299,8 +307,9 @@ struct TopkScan {
     const float* Sq = S.data_ptr<float>() + q * M * K;
     if (filter) {
       std::call_once(bytes_built[q], [&] { bytes[q].emplace(Sq, M, K, byte_fns); });
-      filter(reinterpret_cast<const uint8_t*>(blocks), b1 - b0, M, bytes[q]->data(), bytes[q]->threshold(best.threshold()),
-             masks);
+      FilterThreshold& known = filter_thresholds[slot * batch + q];  // the division, once per new threshold
+      if (known.score != best.threshold()) known = {best.threshold(), bytes[q]->threshold(best.threshold())};
+      if (!filter(reinterpret_cast<const uint8_t*>(blocks), b1 - b0, M, bytes[q]->data(), known.bytes, masks)) return;
     } else {
       score(blocks, b1 - b0, M, Sq, K, best.threshold(), scores, masks);
     }

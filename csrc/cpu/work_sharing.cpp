@@ -15,6 +15,9 @@
 namespace recjpq_cpu {
 namespace {
 
+// How long a helper polls for the next job before it sleeps (Pool::spin_for_next).
+constexpr auto kSpin = std::chrono::microseconds(200);
+
 enum SlotState : int { kIdle = 0, kRunning = 1, kFinished = 2, kRevoked = 3 };
 
 // One run_units call. Helpers hold it by shared_ptr, so one that wakes after the call returned
@@ -27,8 +30,8 @@ struct Job {
   int64_t num_units;
   int max_slots;
   bool revocable;
-  std::atomic<int64_t> next{0};  // next unclaimed unit
-  std::atomic<int64_t> done{0};  // units finished
+  alignas(64) std::atomic<int64_t> next{0};  // next unclaimed unit
+  alignas(64) std::atomic<int64_t> done{0};  // units finished (run_units waits for all of them)
   std::atomic<int> slots{1};     // slot 0 is the caller's
   std::unique_ptr<std::atomic<int>[]> state;    // per slot (revocable only)
   std::unique_ptr<std::atomic<int>[]> done_by;  // per unit: the slot that finished it (revocable only)
@@ -44,21 +47,33 @@ struct Job {
     for (int64_t u = 0; u < num_units; ++u) done_by[u].store(-1, std::memory_order_relaxed);
   }
 
-  // Claims and runs units until none is left (or, revocable, until the slot is revoked).
+  // Claims and runs units until none is left (or, revocable, until the slot is revoked). A claim
+  // takes a run of consecutive units, a share of what is left (guided self-scheduling), so a slot
+  // streams through contiguous codes and the shared counter's cache line moves between cores a few
+  // times a call: one claim per unit made two threads scanning 10 MB take 0.17 ms against 0.15 ms
+  // for runs (0.144 ms for fixed halves), as their prefetchers restarted and the line bounced at
+  // every unit. The runs shrink to one unit at the end, so the slots still finish together.
   void work(int slot) {
     if (revocable) {
       int idle = kIdle;
       if (slot != 0 && !state[slot].compare_exchange_strong(idle, kRunning)) return;  // revoked before joining
     }
-    for (int64_t unit; (!revocable || state[slot].load(std::memory_order_relaxed) == kRunning) &&
-                       (unit = next.fetch_add(1, std::memory_order_relaxed)) < num_units;) {
-      fn(ctx, unit, slot);
-      if (revocable) done_by[unit].store(slot, std::memory_order_relaxed);
-      done.fetch_add(1, std::memory_order_release);
+    auto running = [&] { return !revocable || state[slot].load(std::memory_order_relaxed) == kRunning; };
+    int64_t first = next.load(std::memory_order_relaxed);
+    while (first < num_units && running()) {
+      const int64_t run = std::max<int64_t>(1, (num_units - first) / (2 * max_slots));
+      if (!next.compare_exchange_weak(first, first + run, std::memory_order_relaxed)) continue;
+      int64_t unit = first;
+      for (; unit < first + run && running(); ++unit) {
+        fn(ctx, unit, slot);
+        if (revocable) done_by[unit].store(slot, std::memory_order_relaxed);
+      }
+      done.fetch_add(unit - first, std::memory_order_release);
+      first = next.load(std::memory_order_relaxed);
     }
     if (revocable && slot != 0) {
-      int running = kRunning;
-      state[slot].compare_exchange_strong(running, kFinished);  // fails if the caller revoked it first
+      int was_running = kRunning;
+      state[slot].compare_exchange_strong(was_running, kFinished);  // fails if the caller revoked it first
     }
   }
 };
@@ -75,7 +90,7 @@ class Pool {
       }
       job_ = job;
       wanted_ = helpers;
-      ++generation_;
+      published_.store(++generation_, std::memory_order_release);
     }
     if (helpers == 1) {
       wake_.notify_one();
@@ -88,6 +103,7 @@ class Pool {
   void serve() {
     uint64_t seen = 0;
     for (;;) {
+      spin_for_next(seen);
       std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -101,6 +117,25 @@ class Pool {
     }
   }
 
+  // Back-to-back calls (a server's stream, a batch loop) come tens of microseconds apart, and a
+  // sleeping helper joined a B = 1 scan at N = 1.27M 5-6 us late (12 of 621 units gone), so a helper
+  // polls for the next job a short while before it sleeps, as OpenMP runtimes do (idle p50 of that
+  // call 0.27 -> 0.23 ms on the 2-core VM; no change with busy processes beside it).
+  void spin_for_next(uint64_t seen) const {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    while (published_.load(std::memory_order_acquire) == seen) {
+      for (int i = 0; i < 64; ++i) pause();
+      if (std::chrono::steady_clock::now() >= until) return;
+    }
+  }
+
+  static void pause() {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  std::atomic<uint64_t> published_{0};
   std::mutex mutex_;
   std::condition_variable wake_;
   std::shared_ptr<Job> job_;
