@@ -269,7 +269,11 @@ def test_forked_child_runs_without_the_parents_helpers():
 
 @pytest.mark.parametrize("batch, m, num_codes, dsub", [(1, 8, 256, 8), (2, 3, 17, 5), (3, 5, 300, 19), (1, 1, 1, 1),
                                                      (2, 2, 9, 64), (1, 4, 8, 3), (70, 32, 256, 2), (130, 16, 250, 4),
-                                                     (65, 2, 33, 8), (9, 3, 15, 7), (3, 2, 40, 9)])
+                                                     (65, 2, 33, 8), (9, 3, 15, 7), (3, 2, 40, 9),
+                                                     # d/M = 16..128 in steps of 8: the query's chunks
+                                                     # in registers; 136: past them, the general loop
+                                                     (1, 8, 256, 64), (2, 3, 21, 16), (1, 2, 19, 128),
+                                                     (1, 2, 12, 136)])
 def test_subitem_scores_kernel_has_one_order_at_every_simd_level_and_batch(batch, m, num_codes, dsub):
     """The vector paths (across dimensions for d/M > 8, across sub-ids up to 8) reproduce the scalar
     reference (eight fma lanes, then a fixed tree) bit for bit, K and d/M not multiples of 8 or 16
@@ -287,7 +291,7 @@ def test_subitem_scores_kernel_has_one_order_at_every_simd_level_and_batch(batch
     torch.testing.assert_close(tables[0].double(), exact, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dsub", [9, 17, 8])  # a partial last chunk after full ones; 8: across sub-ids
+@pytest.mark.parametrize("dsub", [9, 17, 8, 16])  # a partial last chunk after full ones; 8: across sub-ids; 16: whole chunks
 def test_subitem_scores_kernel_keeps_negative_zero_lanes(dsub):
     """Products that underflow to -0: the lanes past d/M in a partial chunk must keep their -0
     as the scalar reference does (a table of -0 and +0 entries, equal bit for bit on every path)."""

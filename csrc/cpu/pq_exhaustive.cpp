@@ -314,19 +314,22 @@ struct TopkScan {
       score(blocks, b1 - b0, M, Sq, K, best.threshold(), scores, masks);
     }
     for (int64_t b = 0; b < b1 - b0; ++b) {
+      const int64_t first = (c + b0 + b) * kBlock;  // the block's first item
+      int passed[kBlock], count = 0;
       for (uint64_t mask = masks[b]; mask; mask &= mask - 1) {
-        const int64_t j = __builtin_ctzll(mask), item = (c + b0 + b) * kBlock + j;
-        if (item >= n) break;
-        if (excluded.contains(q, item)) continue;
-        if (!filter) {
-          best.push(scores[b * kBlock + j], item);
-          continue;
-        }
-        const CodeT* ic = blocks + b * M * kBlock + j;  // item's code in split m: ic[m * kBlock]
-        float s = Sq[ic[0]];
-        for (int64_t m = 1; m < M; ++m) s += Sq[m * K + ic[m * kBlock]];
-        best.push(s, item);
+        const int j = __builtin_ctzll(mask);
+        if (first + j >= n) break;
+        if (!excluded.contains(q, first + j)) passed[count++] = j;
       }
+      if (!filter) {
+        for (int i = 0; i < count; ++i) best.push(scores[b * kBlock + passed[i]], first + passed[i]);
+        continue;
+      }
+      const CodeT* items[kBlock];
+      for (int i = 0; i < count; ++i) items[i] = blocks + b * M * kBlock + passed[i];
+      float exact[kBlock];
+      exact_scores(items, count, Sq, M, K, exact);
+      for (int i = 0; i < count; ++i) best.push(exact[i], first + passed[i]);
     }
   }
 };

@@ -53,11 +53,19 @@ void select_chunk(float* approx, const float* S, const CodeT* codes, int64_t n, 
     thread_local std::vector<float> columns;
     const float bound = margin[2 * q + 1] < kSafeBound ? kth_lower_bound(row, n, k, columns) : kNone;
     AscendingTopK exact(k);
+    // candidates are rescored in groups of up to kBlock, in ascending order (exact_scores)
+    const CodeT* items[kBlock];
+    int64_t ids[kBlock], count = 0;
+    float scores[kBlock];
+    auto flush = [&] {
+      exact_scores(items, count, Sq, M, K, scores);
+      for (int64_t c = 0; c < count; ++c) exact.push(scores[c], ids[c]);
+      count = 0;
+    };
     auto rescore = [&](int64_t i) {
-      const CodeT* ic = codes + (i / kBlock) * M * kBlock + i % kBlock;  // code in split m: ic[m * kBlock]
-      float s = Sq[ic[0]];
-      for (int64_t m = 1; m < M; ++m) s += Sq[m * K + ic[m * kBlock]];
-      exact.push(s, i);
+      items[count] = codes + (i / kBlock) * M * kBlock + i % kBlock;
+      ids[count++] = i;
+      if (count == kBlock) flush();
     };
     if (bound == kNone) {  // no trusted margin (the GEMM may have overflowed) or few allowed items: all of them
       for (int64_t i = 0; i < n; ++i) {
@@ -75,6 +83,7 @@ void select_chunk(float* approx, const float* S, const CodeT* codes, int64_t n, 
         if (row[i] >= cut) rescore(i);
       }
     }
+    flush();
     std::vector<int64_t> keys = exact.keys();
     write_topk(keys, k, values + q * k, indices + q * k);
   };

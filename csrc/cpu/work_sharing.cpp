@@ -118,9 +118,9 @@ class Pool {
   }
 
   // Back-to-back calls (a server's stream, a batch loop) come tens of microseconds apart, and a
-  // sleeping helper joined a B = 1 scan at N = 1.27M 5-6 us late (12 of 621 units gone), so a helper
-  // polls for the next job a short while before it sleeps, as OpenMP runtimes do (idle p50 of that
-  // call 0.27 -> 0.23 ms on the 2-core VM; no change with busy processes beside it).
+  // sleeping helper joined a B = 1 scan at N = 1.27M 5-6 us late (12 of 621 units gone; 1.5 when
+  // polling), so a helper polls for the next job a short while before it sleeps, as OpenMP
+  // runtimes do (docs/cpu-kernel.md has the A/B: within the VM's noise at p50, p99 no worse).
   void spin_for_next(uint64_t seen) const {
     const auto until = std::chrono::steady_clock::now() + kSpin;
     while (published_.load(std::memory_order_acquire) == seen) {

@@ -57,17 +57,21 @@ def unavailable_reason(device: torch.device) -> str | None:
 def prefers_matmul(batch: int, n: int, d: int, m: int, k: int) -> bool:
     """Whether ``algorithm="auto"`` takes the decoded table (where ``unavailable_reason`` allows it):
     the crossovers of ``bench/shape_grid.py --variants lut matmul`` (docs/cpu-kernel.md, "Dispatch
-    and crossover"; 1 thread, N in 3,417-100,000, B in 1-512, d in 64-128, M in 8-32, k in 10-100).
+    and crossover"; 1 thread, N in 3,417-100,000, B in 8-512, d in 64-128, M in 8-32, k in 10-100).
     The scan's work grows with M and k, the GEMM's with d: the table pays for short splits (d/M <=
     8), larger batches or k, and catalogues whose table stays in cache (N x d <= 1.3M floats)."""
-    dsub = d // m
-    if n * d > 1_300_000 or dsub > 8:
+    dsub, size = d // m, n * d
+    if size > 1_300_000 or dsub > 8:
         return False
-    if dsub <= 2 and (batch >= 64 or (batch >= 8 and k > 16 and n * d <= 500_000)):
-        return True
-    if dsub <= 4:
+    if dsub <= 2:
+        if size <= 500_000:
+            return batch >= 64 or (batch >= 8 and k > 16)
         return batch >= 512 or (batch >= 64 and k > 16)
-    return k > 16 and (batch >= 512 or (batch >= 64 and n * d <= 500_000))
+    if dsub <= 4:
+        if size <= 500_000:
+            return batch >= 512 or (batch >= 64 and k > 16)
+        return k > 16 and (batch >= 512 or (batch >= 64 and size <= 1_000_000))
+    return k > 16 and (batch >= 512 or (batch >= 64 and size <= 500_000))
 
 
 # codes owner tensor -> (codes key, centroids ref, centroids key, DecodedTable): one table per codes
