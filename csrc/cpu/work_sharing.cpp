@@ -15,8 +15,7 @@
 namespace recjpq_cpu {
 namespace {
 
-// How long a helper polls for the next job before it sleeps (Pool::spin_for_next).
-constexpr auto kSpin = std::chrono::microseconds(200);
+constexpr auto kPoll = std::chrono::microseconds(200);  // Pool::poll_for_next
 
 enum SlotState : int { kIdle = 0, kRunning = 1, kFinished = 2, kRevoked = 3 };
 
@@ -103,7 +102,7 @@ class Pool {
   void serve() {
     uint64_t seen = 0;
     for (;;) {
-      spin_for_next(seen);
+      poll_for_next(seen);
       std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -118,21 +117,14 @@ class Pool {
   }
 
   // Back-to-back calls (a server's stream, a batch loop) come tens of microseconds apart, and a
-  // sleeping helper joined a B = 1 scan at N = 1.27M 5-6 us late (12 of 621 units gone; 1.5 when
-  // polling), so a helper polls for the next job a short while before it sleeps, as OpenMP
-  // runtimes do (docs/cpu-kernel.md has the A/B: within the VM's noise at p50, p99 no worse).
-  void spin_for_next(uint64_t seen) const {
-    const auto until = std::chrono::steady_clock::now() + kSpin;
-    while (published_.load(std::memory_order_acquire) == seen) {
-      for (int i = 0; i < 64; ++i) pause();
-      if (std::chrono::steady_clock::now() >= until) return;
-    }
-  }
-
-  static void pause() {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
+  // sleeping helper joined a B = 1 scan of 1.27M items 5-6 us late (12 of 621 units gone), so a
+  // helper polls for the next job for kPoll before it sleeps, as OpenMP runtimes do. It yields
+  // between polls: on a loaded machine a thread that wants the core (the caller itself, or the
+  // other work) gets it, where a spin would take its time slices.
+  void poll_for_next(uint64_t seen) const {
+    const auto until = std::chrono::steady_clock::now() + kPoll;
+    while (published_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < until)
+      std::this_thread::yield();
   }
 
   std::atomic<uint64_t> published_{0};

@@ -6,8 +6,7 @@
 // a 0.2 ms scan). Here units of work are claimed from an atomic counter, in runs of consecutive
 // units that shrink to one as the work runs out. The caller claims units like any helper and then
 // waits only for units a helper has already claimed and is running; a helper that wakes after every
-// unit is claimed finds nothing and leaves. Helpers poll for the next job for 200 us before they
-// sleep, so back-to-back calls find them awake. Each
+// unit is claimed finds nothing and leaves. Each
 // participant gets a distinct slot in [0, threads) (the caller slot 0), so results can be kept per
 // slot and merged afterwards; callers that merge by a total order (packed keys) get the same
 // answer whichever thread ran which unit.
