@@ -293,8 +293,9 @@ __attribute__((target("avx2,fma"))) void subitem_scores_avx2(const float* query,
                                                             const float* centroids, int64_t M, int64_t K,
                                                             int64_t dsub, float* S) {
   using SplitFn = void (*)(const float*, const float*, int64_t, float*);
+  // from two chunks: d/M <= 8 takes scores_by_code (subitem_scores_any_*)
   static constexpr SplitFn kByChunks[] = {nullptr,
-                                          &split_scores_avx2<1>,  &split_scores_avx2<2>,  &split_scores_avx2<3>,
+                                          nullptr,                &split_scores_avx2<2>,  &split_scores_avx2<3>,
                                           &split_scores_avx2<4>,  &split_scores_avx2<5>,  &split_scores_avx2<6>,
                                           &split_scores_avx2<7>,  &split_scores_avx2<8>,  &split_scores_avx2<9>,
                                           &split_scores_avx2<10>, &split_scores_avx2<11>, &split_scores_avx2<12>,
